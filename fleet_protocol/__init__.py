@@ -1,0 +1,66 @@
+"""The contract between kiosks and the fleet server: ids, topics, messages and their codec.
+
+Pure: no I/O, no event loop. Everything here can be tested byte by byte.
+"""
+
+from fleet_protocol.codec import CHANNEL_TYPES, MAX_PAYLOAD, decode, decode_for, encode
+from fleet_protocol.errors import DecodeError, InvalidId, ProtocolError, TopicError
+from fleet_protocol.ids import (
+    CommandId,
+    CommandName,
+    SiteId,
+    TerminalId,
+    command_id,
+    command_name,
+    site_id,
+    terminal_id,
+)
+from fleet_protocol.messages import (
+    BundleRef,
+    Command,
+    CommandResult,
+    Desired,
+    Event,
+    Message,
+    PeripheralStatus,
+    Peripherals,
+    Reported,
+    State,
+    SystemSample,
+    Telemetry,
+)
+from fleet_protocol.topics import Channel, Topic
+
+__all__ = [
+    "CHANNEL_TYPES",
+    "MAX_PAYLOAD",
+    "BundleRef",
+    "Channel",
+    "Command",
+    "CommandId",
+    "CommandName",
+    "CommandResult",
+    "DecodeError",
+    "Desired",
+    "Event",
+    "InvalidId",
+    "Message",
+    "PeripheralStatus",
+    "Peripherals",
+    "ProtocolError",
+    "Reported",
+    "SiteId",
+    "State",
+    "SystemSample",
+    "TerminalId",
+    "Telemetry",
+    "Topic",
+    "TopicError",
+    "command_id",
+    "command_name",
+    "decode",
+    "decode_for",
+    "encode",
+    "site_id",
+    "terminal_id",
+]

@@ -1,0 +1,1 @@
+"""Ops-side tooling: the local stack, broker configuration, and (later) the fleet CA."""
