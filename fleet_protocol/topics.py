@@ -1,8 +1,8 @@
 """The MQTT topic tree, terminal first so one ACL pattern isolates each terminal.
 
-    kiosk/v1/{terminal}/state | telemetry | peripherals | events | reported   terminal -> server
-    kiosk/v1/{terminal}/desired | cmd/{name}                                  server -> terminal
-    kiosk/v1/{terminal}/cmd-result                                            terminal -> server
+kiosk/v1/{terminal}/state | telemetry | peripherals | events | reported   terminal -> server
+kiosk/v1/{terminal}/desired | cmd/{name}                                  server -> terminal
+kiosk/v1/{terminal}/cmd-result                                            terminal -> server
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ UPLINK: Final = frozenset(
 #: Channels the server publishes to a terminal.
 DOWNLINK: Final = frozenset({Channel.DESIRED, Channel.CMD})
 #: Channels whose messages are retained by the broker.
-RETAINED: Final = frozenset(
-    {Channel.STATE, Channel.PERIPHERALS, Channel.REPORTED, Channel.DESIRED}
-)
+RETAINED: Final = frozenset({Channel.STATE, Channel.PERIPHERALS, Channel.REPORTED, Channel.DESIRED})
 
 
 @dataclass(frozen=True, slots=True)

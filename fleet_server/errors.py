@@ -1,11 +1,11 @@
 """The fleet server's exception tree.
 
-    FleetServerError
-    ├── ConfigError            the operator's config is wrong (names file and field)
-    ├── StoreError             the time-series store
-    │   ├── InfluxUnavailable  not reachable, timed out or 5xx: the write may be retried
-    │   └── InfluxRejected     4xx: the data or query itself is wrong, retrying will not help
-    └── RegistryError          the registry database
+FleetServerError
+├── ConfigError            the operator's config is wrong (names file and field)
+├── StoreError             the time-series store
+│   ├── InfluxUnavailable  not reachable, timed out or 5xx: the write may be retried
+│   └── InfluxRejected     4xx: the data or query itself is wrong, retrying will not help
+└── RegistryError          the registry database
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+# The two commands of the README: `make demo` and `make test`. Both install what is missing
+# (Debian packages as root, then a virtual environment with the project in it) and are safe to
+# run again. `make check` is the static half of `make test`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+DEMO_DIR ?= .demo
+PYTEST_ARGS ?=
+
+# binary -> Debian package that provides it
+SYSTEM_DEPS := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb
+
+.PHONY: help system-deps venv setup check test test-unit test-component test-integration bench demo clean
+
+help:
+	@echo "make demo    install what is missing, then run the stack, the fleet server and kiosks"
+	@echo "make test    install what is missing, then make check and the whole test suite"
+	@echo "make check   ruff format + lint, mypy --strict, import-linter contracts"
+	@echo "make test-unit | test-component | test-integration   one tier of the suite"
+	@echo "make bench   the benchmarks under bench/"
+
+system-deps:
+	@missing=""; \
+	for pair in $(SYSTEM_DEPS); do \
+	  bin=$${pair%%:*}; pkg=$${pair##*:}; \
+	  [ -x "$$bin" ] || missing="$$missing $$pkg"; \
+	done; \
+	$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root, or apt-get install them)"; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@[ -x "$(PY)" ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+setup: system-deps venv
+
+check: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: setup check
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test-component: venv
+	$(VENV)/bin/pytest tests/component $(PYTEST_ARGS)
+
+test-integration: setup
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+demo: setup
+	$(VENV)/bin/fleetctl demo --workdir $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,104 @@
+"""The fleet server process: wiring. Every task is named and owned by one TaskGroup.
+
+- ``ingest``: the broker subscription, feeding :class:`~fleet_server.ingest.Ingest`;
+- ``batcher``: batched writes to InfluxDB, acknowledging deliveries once stored;
+- ``last-seen``: records when each terminal was last heard from in the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fleet_server.api import IngestStats, make_app, serve
+from fleet_server.batcher import PointBatcher
+from fleet_server.config import ServerConfig
+from fleet_server.errors import InfluxUnavailable
+from fleet_server.influx import InfluxDB
+from fleet_server.ingest import Ingest
+from fleet_server.mqtt_ingest import MqttIngest
+from fleet_server.registry import Registry, SiteRecord
+
+LAST_SEEN_EVERY_S = 2.0
+
+log = logging.getLogger("fleet-server")
+
+
+async def migrate(config: ServerConfig) -> tuple[int, int]:
+    async with Registry(config.registry_path) as registry:
+        return await registry.migrate()
+
+
+async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
+    async with (
+        Registry(config.registry_path) as registry,
+        InfluxDB(
+            config.influx.url,
+            config.influx.database,
+            token=config.influx.token,
+            timeout_s=config.influx.timeout_s,
+        ) as influx,
+    ):
+        await registry.migrate()
+        if not await _ensure_database(influx, stopping):
+            return
+        await registry.put_sites(SiteRecord(s.id, s.name, s.town, s.district) for s in config.sites)
+        batcher = PointBatcher(
+            influx.write, config.influx.batch_points, config.influx.flush_interval_s, log
+        )
+        ingest = Ingest(registry, batcher, log)
+        mqtt = MqttIngest(config.broker, log)
+
+        def stats() -> IngestStats:
+            rejected: dict[str, dict[str, int]] = {}
+            for (terminal, reason), n in ingest.rejected.items():
+                rejected.setdefault(terminal, {})[reason] = n
+            c = batcher.counters
+            return IngestStats(
+                received={str(k): v for k, v in ingest.received.items()},
+                rejected=rejected,
+                points_written=c.points_written,
+                batches_written=c.batches_written,
+                write_retries=c.write_retries,
+                points_rejected=c.points_rejected,
+                broker_connected=mqtt.connected.is_set(),
+            )
+
+        stop_api = await serve(
+            make_app(registry, stats, mqtt.connected.is_set), config.api.host, config.api.port
+        )
+        log.info("ops API on http://%s:%d", config.api.host, config.api.port)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(mqtt.run(ingest.handle, stopping), name="ingest")
+                tg.create_task(batcher.run(stopping), name="batcher")
+                tg.create_task(_last_seen(registry, ingest, stopping), name="last-seen")
+        finally:
+            await stop_api()
+
+
+async def _ensure_database(influx: InfluxDB, stopping: asyncio.Event) -> bool:
+    """Create the database if needed, waiting for InfluxDB to come up; False if stopped."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            await influx.ensure_database()
+        except InfluxUnavailable as exc:
+            log.warning("InfluxDB not reachable yet (%s); retrying in %.1f s", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+            delay = min(30.0, delay * 2)
+        else:
+            return True
+    return False
+
+
+async def _last_seen(registry: Registry, ingest: Ingest, stopping: asyncio.Event) -> None:
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=LAST_SEEN_EVERY_S)
+        seen, ingest.last_seen = ingest.last_seen, {}
+        await registry.touch(seen)
+        if stopping.is_set():
+            return

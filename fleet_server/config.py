@@ -1,0 +1,115 @@
+"""The fleet server's configuration: one TOML file, validated once, then typed values only.
+
+Example (only ``[influx] url`` and ``[registry] path`` have no useful default)::
+
+    [broker]
+    host = "127.0.0.1"
+    port = 1883
+    client_id = "fleet-server-1"   # unique per server process; its session survives restarts
+    receive_maximum = 200          # unacknowledged deliveries in flight: the ingest queue bound
+
+    [influx]
+    url = "http://127.0.0.1:8086"
+    database = "kiosk"
+    batch_points = 5000            # write when this many points wait ...
+    flush_interval_s = 1.0         # ... or this long after the first, whichever first
+
+    [registry]
+    path = "/var/lib/fleet-server/registry.sqlite3"
+
+    [api]
+    host = "127.0.0.1"
+    port = 8700
+
+    [[sites]]                      # placement of sites until the registry import arrives
+    id = "zhujing-dqzx"
+    name = "朱泾镇党群服务中心"
+    town = "朱泾镇"
+    district = "金山区"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from fleet_protocol.ids import SiteIdField
+from fleet_protocol.settings import SettingsError, parse_toml
+from fleet_server.errors import ConfigError
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+
+class BrokerSettings(_Section, frozen=True, kw_only=True):
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)] = "127.0.0.1"
+    port: Port = 1883
+    client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "fleet-server-1"
+    keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=300)] = 30
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 86400
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 200
+    share_group: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}$")] = "fleet"
+
+
+class InfluxSettings(_Section, frozen=True, kw_only=True):
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://")]
+    database: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "kiosk"
+    token: str | None = None
+    batch_points: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
+    flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+
+
+class RegistrySettings(_Section, frozen=True, kw_only=True):
+    path: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ApiSettings(_Section, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 8700
+
+
+class SiteSettings(_Section, frozen=True, kw_only=True):
+    id: SiteIdField
+    name: Name
+    town: Name
+    district: Name
+
+
+class ServerConfig(_Section, frozen=True, kw_only=True):
+    influx: InfluxSettings
+    registry: RegistrySettings
+    broker: BrokerSettings = BrokerSettings()
+    api: ApiSettings = ApiSettings()
+    sites: list[SiteSettings] = []
+
+    def __post_init__(self) -> None:
+        ids = [s.id for s in self.sites]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"site ids listed twice: {', '.join(duplicates)}")
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.registry.path)
+
+
+def parse_config(data: bytes, source: str) -> ServerConfig:
+    try:
+        return parse_toml(ServerConfig, data, source)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_config(path: Path) -> ServerConfig:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    return parse_config(data, str(path))

@@ -1,0 +1,158 @@
+"""What the server does with each delivery: presence from ``state``, points from ``telemetry``.
+
+Bad input is counted (per terminal and reason) and dropped, never raised: one broken kiosk
+must not stop ingest for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+from fleet_protocol.codec import decode
+from fleet_protocol.errors import DecodeError, TopicError
+from fleet_protocol.ids import TerminalId
+from fleet_protocol.messages import State, SystemSample, Telemetry
+from fleet_protocol.topics import Channel, parse
+from fleet_server.batcher import Ack
+from fleet_server.lineproto import Point
+from fleet_server.mqtt_ingest import Delivery
+from fleet_server.presence import Presence
+from fleet_server.registry import Placement
+
+#: Counter key for messages whose topic names no valid terminal.
+UNKNOWN_TERMINAL = "-"
+
+
+class PresenceStore(Protocol):
+    async def apply_state(
+        self, terminal: TerminalId, message: State, received_ms: int
+    ) -> Presence | None: ...
+
+    async def placement(self, terminal: TerminalId) -> Placement: ...
+
+
+class PointSink(Protocol):
+    async def add(self, points: list[Point], ack: Ack) -> None: ...
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def sample_points(sample: SystemSample, tags: dict[str, str], historical: bool) -> list[Point]:
+    fields: dict[str, float | int | bool | str] = {
+        "cpu_percent": sample.cpu_percent,
+        "memory_percent": sample.memory_percent,
+        "memory_available": sample.memory_available,
+        "disk_percent": sample.disk_percent,
+        "disk_free": sample.disk_free,
+        "uptime_s": sample.uptime_s,
+        "net_bytes_sent": sample.net_bytes_sent,
+        "net_bytes_recv": sample.net_bytes_recv,
+        "seq": sample.seq,
+        "historical": historical,
+    }
+    if sample.load_1m is not None:
+        fields["load_1m"] = sample.load_1m
+    if sample.on_ac is not None:
+        fields["on_ac"] = sample.on_ac
+    if sample.battery_percent is not None:
+        fields["battery_percent"] = sample.battery_percent
+    points = [Point("system", tags, fields, sample.ts)]
+    points.extend(
+        Point("temperature", {**tags, "sensor": sensor}, {"celsius": celsius}, sample.ts)
+        for sensor, celsius in sample.temperatures.items()
+    )
+    return points
+
+
+def placement_tags(terminal: TerminalId, placement: Placement) -> dict[str, str]:
+    tags = {"terminal": str(terminal)}
+    if placement.site:
+        tags["site"] = placement.site
+    if placement.town:
+        tags["town"] = placement.town
+    if placement.district:
+        tags["district"] = placement.district
+    return tags
+
+
+class Ingest:
+    def __init__(
+        self,
+        presence: PresenceStore,
+        points: PointSink,
+        logger: logging.Logger,
+        now_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self._presence = presence
+        self._points = points
+        self._log = logger
+        self._now_ms = now_ms
+        self._tags: dict[TerminalId, dict[str, str]] = {}
+        self.received: Counter[Channel] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()  # (terminal, reason)
+        self.last_seen: dict[TerminalId, int] = {}
+
+    async def handle(self, delivery: Delivery) -> None:
+        try:
+            where = parse(delivery.topic)
+        except TopicError:
+            self._reject(UNKNOWN_TERMINAL, "bad_topic", delivery)
+            return
+        terminal = where.terminal
+        self.received[where.channel] += 1
+        try:
+            if where.channel is Channel.STATE:
+                await self._state(terminal, decode(State, delivery.payload), delivery.ack)
+            elif where.channel is Channel.TELEMETRY:
+                await self._telemetry(terminal, decode(Telemetry, delivery.payload), delivery.ack)
+            else:
+                delivery.ack()
+        except DecodeError as exc:
+            self._reject(terminal, exc.reason, delivery, exc.detail)
+
+    def _reject(self, terminal: str, reason: str, delivery: Delivery, detail: str = "") -> None:
+        self.rejected[(terminal, reason)] += 1
+        count = self.rejected[(terminal, reason)]
+        # Log the first few and then every hundredth, so a flood cannot flood the log too.
+        if count <= 3 or count % 100 == 0:
+            self._log.warning(
+                "dropped message #%d from %s on %r (%s): %s",
+                count,
+                terminal,
+                delivery.topic[:200],
+                reason,
+                detail[:200],
+            )
+        delivery.ack()
+
+    async def _state(self, terminal: TerminalId, message: State, ack: Ack) -> None:
+        now = self._now_ms()
+        presence = await self._presence.apply_state(terminal, message, now)
+        if presence is not None:
+            self._tags.pop(terminal, None)  # the site may be newly known
+            self._log.info(
+                "%s %s (session %d%s)",
+                terminal,
+                "online" if presence.online else "offline",
+                presence.session,
+                f", {presence.reason}" if presence.reason else "",
+            )
+        ack()
+
+    async def _telemetry(self, terminal: TerminalId, message: Telemetry, ack: Ack) -> None:
+        tags = self._tags.get(terminal)
+        if tags is None:
+            tags = placement_tags(terminal, await self._presence.placement(terminal))
+            if "site" in tags:  # cache only complete placements; retry until the site is known
+                self._tags[terminal] = tags
+        points: list[Point] = []
+        for sample in message.samples:
+            points.extend(sample_points(sample, tags, message.historical))
+        self.last_seen[terminal] = max(self.last_seen.get(terminal, 0), self._now_ms())
+        await self._points.add(points, ack)

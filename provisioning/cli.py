@@ -1,0 +1,213 @@
+"""``fleetctl``: the ops command line.
+
+Layout, so that a new command group (``terminals``, ``demo``, ...) is three small additions:
+
+- ``_add_<group>_commands(subparsers)`` declares the group's argparse sub-commands and tags
+  each with ``set_defaults(command="<group> <action>")``; it is listed in ``_GROUPS``;
+- one body per command, ``(args, out) -> exit code``, reads its typed options and does the
+  work; it is listed in ``_COMMANDS`` under the same ``"<group> <action>"`` key;
+- :func:`main` parses, dispatches through ``_COMMANDS``, and turns a
+  :class:`~provisioning.errors.ProvisioningError` into one ``fleetctl: error: ...`` message on
+  stderr and exit status 2, without a traceback.
+
+Exit status: 0 success, 1 ``stack status`` found something not running, 2 usage or user error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Final, TextIO, TypeAlias
+
+from provisioning import stack
+from provisioning.errors import ProvisioningError
+
+PROG: Final = "fleetctl"
+EXIT_OK: Final = 0
+EXIT_NOT_RUNNING: Final = 1
+EXIT_USER_ERROR: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+DEFAULT_WORKDIR: Final = Path(".fleet-stack")
+
+Command = Callable[[argparse.Namespace, TextIO], int]
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # noqa: SLF001 -- argparse has no public name for what add_subparsers() returns
+
+
+# --- argparse setup -----------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not in 1..65535")
+    return port
+
+
+def _add_stack_commands(subparsers: _Subparsers) -> None:
+    group = subparsers.add_parser(
+        "stack",
+        help="local Mosquitto, InfluxDB and SMTP sink for development, demos and tests",
+        description="Run real Mosquitto, InfluxDB and an SMTP sink as background processes, "
+        "bound to 127.0.0.1, with configs, data and logs under one work dir.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="{up,down,status}")
+
+    def with_workdir(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument(
+            "--workdir",
+            type=Path,
+            default=DEFAULT_WORKDIR,
+            metavar="DIR",
+            help=f"the stack's configs, data and logs (default: ./{DEFAULT_WORKDIR})",
+        )
+        return parser
+
+    up = with_workdir(
+        actions.add_parser(
+            "up",
+            help="start the stack (what is not already running)",
+            description="Start the stack. Ports left out reuse the previous run's ports when "
+            "free, else free ports are chosen. Data from earlier runs is kept.",
+        )
+    )
+    for name, service in (("mqtt", "Mosquitto"), ("influx", "InfluxDB HTTP"), ("smtp", "SMTP")):
+        up.add_argument(
+            f"--{name}-port",
+            type=_port,
+            metavar="PORT",
+            help=f"{service} port on 127.0.0.1 (default: previous or a free port)",
+        )
+    up.add_argument("--json", action="store_true", help="print the stack's info as JSON")
+    up.set_defaults(command="stack up")
+
+    down = with_workdir(
+        actions.add_parser(
+            "down",
+            help="stop the stack's processes (data is kept)",
+            description="Stop exactly the processes `stack up` started in this work dir.",
+        )
+    )
+    down.set_defaults(command="stack down")
+
+    status = with_workdir(
+        actions.add_parser(
+            "status",
+            help="show endpoints, pids and whether each service runs",
+            description="Show the stack. Exit status 1 if any service is not running.",
+        )
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(command="stack status")
+
+
+_GROUPS: Final[Sequence[Callable[[_Subparsers], None]]] = (_add_stack_commands,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Kiosk fleet operations.")
+    subparsers = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    for add_commands in _GROUPS:
+        add_commands(subparsers)
+    return parser
+
+
+# --- command bodies -----------------------------------------------------------------------
+
+
+def _stack_up(args: argparse.Namespace, out: TextIO) -> int:
+    workdir: Path = args.workdir
+    as_json: bool = args.json
+    if not as_json:
+        print(f"starting the stack in {workdir.resolve()} ...", file=sys.stderr, flush=True)
+    info = stack.up(
+        workdir,
+        mqtt_port=args.mqtt_port,
+        influx_port=args.influx_port,
+        smtp_port=args.smtp_port,
+        detach=True,
+    )
+    if as_json:
+        out.write(info.to_json())
+        return EXIT_OK
+    out.write(_describe(stack.status(workdir)))
+    return EXIT_OK
+
+
+def _stack_down(args: argparse.Namespace, out: TextIO) -> int:
+    workdir: Path = args.workdir
+    stopped = stack.down(workdir)
+    if stopped:
+        out.write("".join(f"stopped {what}\n" for what in stopped))
+    else:
+        out.write(f"nothing of the stack in {workdir.resolve()} was running\n")
+    return EXIT_OK
+
+
+def _stack_status(args: argparse.Namespace, out: TextIO) -> int:
+    workdir: Path = args.workdir
+    as_json: bool = args.json
+    found = stack.status(workdir)
+    out.write(found.to_json() if as_json else _describe(found))
+    return EXIT_OK if found.running else EXIT_NOT_RUNNING
+
+
+def _describe(found: stack.StackStatus) -> str:
+    if found.info is None:
+        return f"no stack in {found.workdir}; start one with: {PROG} stack up --workdir ...\n"
+    info = found.info
+    state = "running" if found.running else "NOT fully running"
+    lines = [f"stack in {found.workdir}: {state}"]
+    for service in found.services:
+        extra = (
+            f"  database {info.influx_database}" if service.service is stack.Service.INFLUX else ""
+        )
+        lines.append(
+            f"  {service.service:<10} {service.endpoint:<24} pid {service.pid:<8} "
+            f"{'running' if service.running else 'stopped'}{extra}"
+        )
+    lines.append(f"mail sent to the SMTP sink is stored as .eml files in {info.maildir}")
+    lines.append("logs:")
+    lines.extend(f"  {service.log_file}" for service in found.services)
+    workdir_option = (
+        "" if found.workdir == DEFAULT_WORKDIR.resolve() else f" --workdir {found.workdir}"
+    )
+    verb = "down" if found.running else "up"
+    lines.append(
+        f"{'stop' if found.running else 'start'} it with: {PROG} stack {verb}{workdir_option}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+_COMMANDS: Final[Mapping[str, Command]] = {
+    "stack up": _stack_up,
+    "stack down": _stack_down,
+    "stack status": _stack_status,
+}
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``fleetctl`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
+    command: str = args.command
+    try:
+        return _COMMANDS[command](args, sys.stdout)
+    except ProvisioningError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

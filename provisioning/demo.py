@@ -1,0 +1,263 @@
+"""``fleetctl demo``: the whole system on one machine, looking like a Jinshan district fleet.
+
+Starts the local stack, a fleet server, a few real ``kiosk-agent`` processes at town centres
+and ``fleet-sim`` for the village service points; prints what runs and how to look at it;
+stops everything it started on Ctrl-C (or after ``--for`` seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Final, TextIO
+
+from provisioning import stack
+from provisioning.errors import DemoError
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSite:
+    id: str
+    name: str
+    town: str
+    kind: str
+
+
+DISTRICT: Final = "金山区"
+SITES: Final = (
+    DemoSite("zhujing-dqzx", "朱泾镇党群服务中心", "朱泾镇", "党群服务中心"),
+    DemoSite("fengjing-dqzx", "枫泾镇党群服务中心", "枫泾镇", "党群服务中心"),
+    DemoSite("tinglin-dqzx", "亭林镇党群服务中心", "亭林镇", "党群服务中心"),
+    DemoSite(
+        "shihua-sqsw",
+        "石化街道社区事务受理服务中心（24小时自助服务区）",
+        "石化街道",
+        "社区事务受理服务中心",
+    ),
+    DemoSite("zhujing-daijing-cun", "朱泾镇待泾村村民服务点", "朱泾镇", "村居服务点"),
+    DemoSite("fengjing-zhonghong-cun", "枫泾镇中洪村村民服务点", "枫泾镇", "村居服务点"),
+    DemoSite("tinglin-yuntao-cun", "亭林镇运河村村民服务点", "亭林镇", "村居服务点"),
+)
+#: Real agent processes, one per town centre kiosk.
+AGENTS: Final = (
+    ("zhujing-dqzx-01", "zhujing-dqzx"),
+    ("zhujing-dqzx-02", "zhujing-dqzx"),
+    ("fengjing-dqzx-01", "fengjing-dqzx"),
+    ("tinglin-dqzx-01", "tinglin-dqzx"),
+    ("shihua-sqsw-24h-01", "shihua-sqsw"),
+)
+SIM_SITES: Final = ("zhujing-daijing-cun", "fengjing-zhonghong-cun", "tinglin-yuntao-cun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def server_config(info: stack.StackInfo, workdir: Path, api_port: int) -> str:
+    sites = "".join(
+        f"\n[[sites]]\nid = {_toml_str(s.id)}\nname = {_toml_str(s.name)}\n"
+        f"town = {_toml_str(s.town)}\ndistrict = {_toml_str(DISTRICT)}\n"
+        for s in SITES
+    )
+    return f"""# written by `fleetctl demo`
+[broker]
+host = {_toml_str(info.mqtt_host)}
+port = {info.mqtt_port}
+client_id = "fleet-server-demo"
+
+[influx]
+url = {_toml_str(info.influx_url)}
+database = {_toml_str(info.influx_database)}
+
+[registry]
+path = {_toml_str(str(workdir / "server" / "registry.sqlite3"))}
+
+[api]
+host = "127.0.0.1"
+port = {api_port}
+{sites}"""
+
+
+def agent_config(info: stack.StackInfo, workdir: Path, terminal: str, site: str) -> str:
+    return f"""# written by `fleetctl demo`
+[terminal]
+id = {_toml_str(terminal)}
+site = {_toml_str(site)}
+
+[broker]
+host = {_toml_str(info.mqtt_host)}
+port = {info.mqtt_port}
+keepalive_s = 30
+
+[telemetry]
+interval_s = 5
+batch_size = 2
+
+[storage]
+state_dir = {_toml_str(str(workdir / "agents" / terminal))}
+"""
+
+
+class _Children:
+    """The processes the demo started; stopped by PID, in reverse order."""
+
+    def __init__(self, logs: Path) -> None:
+        self._logs = logs
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = self._logs / f"{name}.log"
+        with log.open("ab") as out:
+            try:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            except OSError as exc:
+                raise DemoError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from exc
+        self.procs.append((name, proc, log))
+        return proc
+
+    def check(self) -> None:
+        for name, proc, log in self.procs:
+            code = proc.poll()
+            if code is not None:
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                raise DemoError(
+                    f"{name} exited with {code}; its log {log} ends:\n" + "\n".join(tail)
+                )
+
+    def stop(self, out: TextIO) -> None:
+        for _name, proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc, _ in reversed(self.procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            print(f"  stopped {name} (pid {proc.pid})", file=out)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so both stop the demo the same way."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_for_api(url: str, children: _Children, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children.check()
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):  # noqa: S310 - our own loopback URL
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.3)
+    raise DemoError(f"the fleet server did not answer at {url} within {timeout:.0f} s")
+
+
+def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) -> int:
+    workdir = workdir.resolve()
+    logs = workdir / "logs"
+    for d in (logs, workdir / "server", workdir / "agents"):
+        d.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    children = _Children(logs)
+    with _interruptible():
+        try:
+            print(f"starting the local stack in {workdir / 'stack'} ...", file=out, flush=True)
+            with stack.running_stack(workdir / "stack") as info:
+                api = f"http://127.0.0.1:{_free_port()}"
+                cfg = workdir / "server" / "server.toml"
+                cfg.write_text(server_config(info, workdir, int(api.rsplit(":", 1)[1])), "utf-8")
+                print("starting the fleet server ...", file=out, flush=True)
+                children.start(
+                    "fleet-server", [str(bin_dir / "fleet-server"), "run", "--config", str(cfg)]
+                )
+                _wait_for_api(api, children)
+                for terminal, site in AGENTS:
+                    acfg = workdir / "agents" / f"{terminal}.toml"
+                    acfg.write_text(agent_config(info, workdir, terminal, site), "utf-8")
+                    children.start(
+                        f"agent-{terminal}",
+                        [str(bin_dir / "kiosk-agent"), "run", "--config", str(acfg)],
+                    )
+                if sim_terminals:
+                    sim_argv = [
+                        str(bin_dir / "fleet-sim"),
+                        "--terminals", str(sim_terminals),
+                        "--prefix", "jinshan-cun",
+                        "--broker-host", info.mqtt_host,
+                        "--broker-port", str(info.mqtt_port),
+                        "--interval", "5",
+                        "--state-dir", str(workdir / "agents" / "sim"),
+                    ]  # fmt: skip
+                    for site in SIM_SITES:
+                        sim_argv += ["--site", site]
+                    children.start("fleet-sim", sim_argv)
+                _print_running(out, info, api, workdir, sim_terminals)
+                deadline = None if duration is None else time.monotonic() + duration
+                while deadline is None or time.monotonic() < deadline:
+                    children.check()
+                    time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nstopping ...", file=out, flush=True)
+        finally:
+            children.stop(out)
+    print("  stopped the local stack; data stays in", workdir, file=out)
+    return 0
+
+
+def _print_running(
+    out: TextIO, info: stack.StackInfo, api: str, workdir: Path, sim_terminals: int
+) -> None:
+    q = "SELECT mean(cpu_percent) FROM system WHERE time > now() - 5m GROUP BY town, terminal"
+    print(
+        f"""
+金山区自助终端运维演示 / Jinshan district kiosk fleet demo is running:
+
+  MQTT broker   mqtt://{info.mqtt_host}:{info.mqtt_port}   (Mosquitto, loopback only)
+  InfluxDB      {info.influx_url}   database "{info.influx_database}"
+  SMTP sink     smtp://{info.smtp_host}:{info.smtp_port}   mails saved under {info.maildir}
+  fleet server  {api}   (ops API)
+  kiosks        {len(AGENTS)} kiosk-agent processes at town centres
+                {sim_terminals} simulated village kiosks (fleet-sim)
+
+How to look at it (in another shell, from this directory):
+  .venv/bin/fleetctl terminals list --server {api}
+  curl -s {api}/api/v1/ingest
+  curl -sG {info.influx_url}/query --data-urlencode db={info.influx_database} \\
+       --data-urlencode "q={q}"
+  tail -f {workdir / "logs" / "fleet-server.log"}
+
+Try: kill -9 one kiosk-agent (see {workdir / "logs"}) and watch it go offline.
+Ctrl-C stops everything the demo started.
+""",
+        file=out,
+        flush=True,
+    )
