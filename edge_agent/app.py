@@ -18,8 +18,14 @@ from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt_uplink import MqttUplink
 from edge_agent.session import next_session
-from edge_agent.telemetry import BatchBuilder, MonotonicStamp, SystemSource, to_sample
-from fleet_protocol.codec import encode
+from edge_agent.telemetry import (
+    BatchBuilder,
+    MonotonicStamp,
+    SystemSource,
+    encode_batches,
+    to_sample,
+)
+from fleet_protocol.messages import Telemetry
 from fleet_protocol.topics import Channel, topic
 
 
@@ -83,11 +89,15 @@ class Agent:
             seq, ts = self._stamp.next()
             batch = self._batches.add(to_sample(reading, seq, ts), self._now_ms())
             if batch is not None:
-                self.backlog.put(Outgoing(self._telemetry_topic, encode(batch)))
+                self._queue(batch)
             next_tick = max(next_tick + interval, loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=next_tick - loop.time())
         rest = self._batches.take()
         if rest is not None:
-            self.backlog.put(Outgoing(self._telemetry_topic, encode(rest)))
+            self._queue(rest)
             self.backlog.wake()
+
+    def _queue(self, batch: Telemetry) -> None:
+        for payload in encode_batches(batch):
+            self.backlog.put(Outgoing(self._telemetry_topic, payload))

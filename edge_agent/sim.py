@@ -71,7 +71,7 @@ class SimulatedSystem:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleet-sim",
-        description="模拟多台自助终端 / run many simulated kiosks (real agent code) in one process.",
+        description="模拟多台自助终端 / many simulated kiosks (real agent code) in one process.",
     )
     p.add_argument("--terminals", type=int, default=10, help="how many kiosks (default 10)")
     p.add_argument("--prefix", default="sim", help="terminal ids are PREFIX-0001, ...")

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fleet_protocol.codec import encode
+from fleet_protocol.errors import PayloadTooLarge
 from fleet_protocol.messages import SystemSample, Telemetry
 
 
@@ -64,6 +66,19 @@ def to_sample(reading: SystemReading, seq: int, ts: int) -> SystemSample:
         on_ac=reading.on_ac,
         battery_percent=reading.battery_percent,
     )
+
+
+def encode_batches(batch: Telemetry) -> list[bytes]:
+    """Encode ``batch``, halving it until every part fits the payload limit."""
+    try:
+        return [encode(batch)]
+    except PayloadTooLarge:
+        if len(batch.samples) == 1:
+            raise  # one sample over the limit is a bug in the collector, not a batching matter
+        half = len(batch.samples) // 2
+        first = Telemetry(samples=batch.samples[:half], historical=batch.historical)
+        rest = Telemetry(samples=batch.samples[half:], historical=batch.historical)
+        return encode_batches(first) + encode_batches(rest)
 
 
 class BatchBuilder:

@@ -4,7 +4,13 @@ Pure: no I/O, no event loop. Everything here can be tested byte by byte.
 """
 
 from fleet_protocol.codec import CHANNEL_TYPES, MAX_PAYLOAD, decode, decode_for, encode
-from fleet_protocol.errors import DecodeError, InvalidId, ProtocolError, TopicError
+from fleet_protocol.errors import (
+    DecodeError,
+    InvalidId,
+    PayloadTooLarge,
+    ProtocolError,
+    TopicError,
+)
 from fleet_protocol.ids import (
     CommandId,
     CommandName,
@@ -45,6 +51,7 @@ __all__ = [
     "Event",
     "InvalidId",
     "Message",
+    "PayloadTooLarge",
     "PeripheralStatus",
     "Peripherals",
     "ProtocolError",

@@ -10,7 +10,7 @@ from typing import Final, TypeVar
 
 import msgspec
 
-from fleet_protocol.errors import DecodeError
+from fleet_protocol.errors import DecodeError, PayloadTooLarge
 from fleet_protocol.messages import (
     Command,
     CommandResult,
@@ -46,10 +46,12 @@ _decoders: dict[type[Message], msgspec.json.Decoder[Message]] = {}
 
 
 def encode(message: Message) -> bytes:
-    """Serialise ``message``; a message too large for the wire is our fault and raises."""
+    """Serialise ``message``; a message too large for the wire raises :class:`PayloadTooLarge`."""
     data = _encoder.encode(message)
     if len(data) > MAX_PAYLOAD:
-        raise ValueError(f"{type(message).__name__} is {len(data)} bytes, over {MAX_PAYLOAD}")
+        raise PayloadTooLarge(
+            f"{type(message).__name__} is {len(data)} bytes, over the limit of {MAX_PAYLOAD}"
+        )
     return data
 
 
@@ -66,6 +68,9 @@ def decode(kind: type[M], data: bytes, *, max_size: int = MAX_PAYLOAD) -> M:
         raise DecodeError("schema", str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise DecodeError("malformed", str(exc)) from exc
+    # msgspec raises Python's own error for invalid UTF-8 inside a string it has to read.
+    except UnicodeDecodeError as exc:
+        raise DecodeError("malformed", f"invalid UTF-8 at byte {exc.start}") from exc
     # RecursionError: msgspec bounds nesting itself, but keep the promise whatever the version.
     except RecursionError as exc:
         raise DecodeError("malformed", "nested too deeply") from exc

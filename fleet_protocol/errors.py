@@ -3,11 +3,13 @@
     ProtocolError
     ├── InvalidId          an id that DESIGN.md's rules do not allow
     ├── TopicError         a topic outside the kiosk/v1 tree
-    └── DecodeError        a payload that is not a valid message (the peer's fault)
-         .reason           a short, stable code for counters: too_large, malformed, schema
+    ├── DecodeError        a payload that is not a valid message (the peer's fault)
+    │    .reason           a short, stable code for counters: too_large, malformed, schema
+    └── PayloadTooLarge    a message of ours that would not fit the wire (our fault)
 
-Everything in this package fails with one of these and nothing else, so a caller can count
-and drop bad input without catching broadly.
+Decoding and parsing fail with one of these and nothing else, so a caller can count and drop
+bad input without catching broadly. Building a message whose fields contradict each other
+(``State``, ``Command``) raises ``ValueError`` from the constructor, as a programming error.
 """
 
 from __future__ import annotations
@@ -36,3 +38,7 @@ class DecodeError(ProtocolError):
         super().__init__(f"{reason}: {detail}")
         self.reason: DecodeReason = reason
         self.detail = detail
+
+
+class PayloadTooLarge(ProtocolError, ValueError):
+    """A message we built is over the size limit; split it before encoding."""

@@ -15,10 +15,10 @@ import msgspec
 
 from fleet_protocol.errors import InvalidId
 
-TERMINAL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{2,62}$"
+TERMINAL_ID_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{2,62}\Z"
 SITE_ID_PATTERN: Final = TERMINAL_ID_PATTERN
-COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$"
-COMMAND_NAME_PATTERN: Final = r"^[a-z][a-z0-9-]{1,31}$"
+COMMAND_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}\Z"
+COMMAND_NAME_PATTERN: Final = r"^[a-z][a-z0-9-]{1,31}\Z"
 
 TerminalId = NewType("TerminalId", str)
 SiteId = NewType("SiteId", str)
@@ -26,6 +26,7 @@ CommandId = NewType("CommandId", str)
 CommandName = NewType("CommandName", str)
 
 # Field types for message schemas: the decoder enforces the same rule as the parse functions.
+# Patterns end in \Z, not $: msgspec searches, and "$" would accept a trailing newline.
 TerminalIdField = Annotated[TerminalId, msgspec.Meta(pattern=TERMINAL_ID_PATTERN)]
 SiteIdField = Annotated[SiteId, msgspec.Meta(pattern=SITE_ID_PATTERN)]
 CommandIdField = Annotated[CommandId, msgspec.Meta(pattern=COMMAND_ID_PATTERN)]

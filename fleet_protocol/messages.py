@@ -26,7 +26,7 @@ Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
 Text = Annotated[str, msgspec.Meta(max_length=4000)]
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Kind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+Kind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_.-]{0,63}\Z")]
 Scalar = str | int | float | bool
 Attributes = Annotated[dict[Label, Scalar], msgspec.Meta(max_length=64)]
 
@@ -138,13 +138,13 @@ class Event(Message, frozen=True, kw_only=True):
 
 # --- versions: reported and desired --------------------------------------------------------
 
-Version = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
+Version = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")]
 HardwareId = Kind
 
 
 class BundleRef(Message, frozen=True, kw_only=True):
     version: Version
-    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
 
 
 class Reported(Message, frozen=True, kw_only=True):

@@ -57,6 +57,12 @@ class Topic:
     def __post_init__(self) -> None:
         if (self.channel is Channel.CMD) != (self.command is not None):
             raise TopicError("a command name goes with the cmd channel and only with it")
+        try:
+            terminal_id(self.terminal)
+            if self.command is not None:
+                command_name(self.command)
+        except InvalidId as exc:
+            raise TopicError(str(exc)) from exc
 
     def __str__(self) -> str:
         base = f"{PREFIX}/{self.terminal}/{self.channel.value}"

@@ -50,11 +50,11 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 class BrokerSettings(_Section, frozen=True, kw_only=True):
     host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)] = "127.0.0.1"
     port: Port = 1883
-    client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "fleet-server-1"
+    client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")] = "fleet-server-1"
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=300)] = 30
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 86400
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 200
-    share_group: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}$")] = "fleet"
+    share_group: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_-]{1,32}\Z")] = "fleet"
 
 
 class InfluxSettings(_Section, frozen=True, kw_only=True):

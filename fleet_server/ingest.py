@@ -18,7 +18,7 @@ from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import State, SystemSample, Telemetry
 from fleet_protocol.topics import Channel, parse
 from fleet_server.batcher import Ack
-from fleet_server.lineproto import Point
+from fleet_server.lineproto import LineProtocolError, Point
 from fleet_server.mqtt_ingest import Delivery
 from fleet_server.presence import Presence
 from fleet_server.registry import Placement
@@ -115,6 +115,10 @@ class Ingest:
                 delivery.ack()
         except DecodeError as exc:
             self._reject(terminal, exc.reason, delivery, exc.detail)
+        except LineProtocolError as exc:
+            # Valid JSON that InfluxDB cannot store as sent (a sensor named "time", a control
+            # character in a label): the whole message is refused, never half of it.
+            self._reject(terminal, "unstorable", delivery, str(exc))
 
     def _reject(self, terminal: str, reason: str, delivery: Delivery, detail: str = "") -> None:
         self.rejected[(terminal, reason)] += 1

@@ -17,13 +17,16 @@ Exit status: 0 success, 1 ``stack status`` found something not running, 2 usage 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
-from provisioning import stack
-from provisioning.errors import ProvisioningError
+from provisioning import demo, ops_client, stack
+from provisioning.errors import InvalidSettings, ProvisioningError
 
 PROG: Final = "fleetctl"
 EXIT_OK: Final = 0
@@ -107,7 +110,66 @@ def _add_stack_commands(subparsers: _Subparsers) -> None:
     status.set_defaults(command="stack status")
 
 
-_GROUPS: Final[Sequence[Callable[[_Subparsers], None]]] = (_add_stack_commands,)
+def _add_terminals_commands(subparsers: _Subparsers) -> None:
+    group = subparsers.add_parser(
+        "terminals",
+        help="the fleet's terminals, as the fleet server knows them",
+        description="Ask the fleet server's ops API about terminals.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="{list}")
+    listing = actions.add_parser(
+        "list",
+        help="every terminal with its status (online/offline) and when it was last seen",
+        description="List every terminal with status, site and last seen time.",
+    )
+    listing.add_argument(
+        "--server",
+        default=ops_client.default_server(),
+        metavar="URL",
+        help=f"the fleet server's ops API (default: ${ops_client.SERVER_ENV} "
+        f"or {ops_client.DEFAULT_SERVER})",
+    )
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.set_defaults(command="terminals list")
+
+
+def _add_demo_commands(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole system locally: stack, fleet server, kiosks (what `make demo` runs)",
+        description="Start the local stack, a fleet server, kiosk agents at Jinshan town "
+        "centres and simulated village kiosks; Ctrl-C stops everything it started.",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".demo"),
+        metavar="DIR",
+        help="configs, data and logs of the demo (default: ./.demo)",
+    )
+    parser.add_argument(
+        "--sim-terminals",
+        type=int,
+        default=12,
+        metavar="N",
+        help="simulated village kiosks besides the real agent processes (default 12)",
+    )
+    parser.add_argument(
+        "--for",
+        dest="duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop by itself after this long (default: run until Ctrl-C)",
+    )
+    parser.set_defaults(command="demo")
+
+
+_GROUPS: Final[Sequence[Callable[[_Subparsers], None]]] = (
+    _add_stack_commands,
+    _add_terminals_commands,
+    _add_demo_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +238,9 @@ def _describe(found: stack.StackStatus) -> str:
     lines.append("logs:")
     lines.extend(f"  {service.log_file}" for service in found.services)
     workdir_option = (
-        "" if found.workdir == DEFAULT_WORKDIR.resolve() else f" --workdir {found.workdir}"
+        ""
+        if found.workdir == DEFAULT_WORKDIR.resolve()
+        else f" --workdir {shlex.quote(str(found.workdir))}"
     )
     verb = "down" if found.running else "up"
     lines.append(
@@ -185,7 +249,58 @@ def _describe(found: stack.StackStatus) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _terminals_list(args: argparse.Namespace, out: TextIO) -> int:
+    listing = ops_client.terminals(args.server)
+    if args.json:
+        out.write(ops_client.to_json(listing) + "\n")
+        return EXIT_OK
+    if not listing.terminals:
+        out.write("no terminals yet / 暂无终端\n")
+        return EXIT_OK
+    now_ms = time.time() * 1000
+    rows = [("终端 terminal", "状态 status", "站点 site", "镇 town", "最后在线 last seen")]
+    for t in listing.terminals:
+        status = {"online": "在线 online", "offline": "离线 offline"}.get(t.status, "未知 unknown")
+        if t.status == "offline" and t.reason:
+            status += f" ({t.reason})"
+        seen = "-" if t.last_seen_ms is None else _ago(now_ms - t.last_seen_ms)
+        rows.append((t.id, status, t.site_name or t.site or "-", t.town or "-", seen))
+    widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(_pad(cell, w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+    online = sum(t.status == "online" for t in listing.terminals)
+    out.write(f"{online}/{len(listing.terminals)} online\n")
+    return EXIT_OK
+
+
+def _ago(ms: float) -> str:
+    s = max(0, int(ms / 1000))
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{s // 60} min ago"
+    return f"{s // 3600} h ago"
+
+
+def _width(text: str) -> int:
+    # CJK characters take two columns in a terminal.
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
+def _demo(args: argparse.Namespace, out: TextIO) -> int:
+    if args.sim_terminals < 0:
+        raise InvalidSettings("--sim-terminals must be 0 or more")
+    return demo.run(args.workdir, args.sim_terminals, args.duration, out)
+
+
 _COMMANDS: Final[Mapping[str, Command]] = {
+    "terminals list": _terminals_list,
+    "demo": _demo,
     "stack up": _stack_up,
     "stack down": _stack_down,
     "stack status": _stack_status,

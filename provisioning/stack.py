@@ -171,6 +171,14 @@ class StackInfo:
     smtp_pid: int
     influx_database: str = DEFAULT_DATABASE
 
+    def __post_init__(self) -> None:
+        try:
+            port = urllib.parse.urlsplit(self.influx_url).port
+        except ValueError:  # a port out of range
+            port = None
+        if port is None:
+            raise InvalidSettings(f"influx_url {self.influx_url!r} does not name a valid port")
+
     @property
     def layout(self) -> StackLayout:
         return StackLayout(self.workdir)
@@ -178,8 +186,8 @@ class StackInfo:
     @property
     def influx_port(self) -> int:
         port = urllib.parse.urlsplit(self.influx_url).port
-        if port is None:
-            raise StackError(f"influx_url {self.influx_url!r} has no port")
+        if port is None:  # pragma: no cover -- refused by __post_init__
+            raise InvalidSettings(f"influx_url {self.influx_url!r} has no port")
         return port
 
     def port(self, service: Service) -> int:
@@ -227,19 +235,22 @@ class StackInfo:
         record: dict[str, object] = loaded
         if record.get("version") != _STATE_VERSION:
             raise StackError(f"stack state has version {record.get('version')!r}, not 1")
-        return cls(
-            workdir=Path(_text(record, "workdir")),
-            mqtt_host=_text(record, "mqtt_host"),
-            mqtt_port=_integer(record, "mqtt_port"),
-            influx_url=_text(record, "influx_url"),
-            influx_database=_text(record, "influx_database"),
-            smtp_host=_text(record, "smtp_host"),
-            smtp_port=_integer(record, "smtp_port"),
-            maildir=Path(_text(record, "maildir")),
-            mqtt_pid=_integer(record, "mqtt_pid"),
-            influx_pid=_integer(record, "influx_pid"),
-            smtp_pid=_integer(record, "smtp_pid"),
-        )
+        try:
+            return cls(
+                workdir=Path(_text(record, "workdir")),
+                mqtt_host=_text(record, "mqtt_host"),
+                mqtt_port=_integer(record, "mqtt_port"),
+                influx_url=_text(record, "influx_url"),
+                influx_database=_text(record, "influx_database"),
+                smtp_host=_text(record, "smtp_host"),
+                smtp_port=_integer(record, "smtp_port"),
+                maildir=Path(_text(record, "maildir")),
+                mqtt_pid=_integer(record, "mqtt_pid"),
+                influx_pid=_integer(record, "influx_pid"),
+                smtp_pid=_integer(record, "smtp_pid"),
+            )
+        except InvalidSettings as exc:
+            raise StackError(f"stack state is invalid: {exc}") from exc
 
 
 def _text(record: Mapping[str, object], key: str) -> str:

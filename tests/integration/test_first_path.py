@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +32,12 @@ from tests.integration.fleet import (
 pytestmark = pytest.mark.integration
 
 KEEPALIVE_S = 2
+#: Mosquitto checks keep-alive in whole seconds on a one-second tick, so the will goes out up
+#: to ~2 s after 1.5 x keep-alive; the rest is the server's processing and our polling.
+MARGIN_S = 5
 SITES = {
     "zhujing-dqzx": ("朱泾镇党群服务中心", "朱泾镇", "金山区"),
-    "fengjing-hdc": ("枫泾镇 和平村, 村居服务点 = \"一站式\"", "枫泾镇", "金山区"),
+    "fengjing-hdc": ('枫泾镇 和平村, 村居服务点 = "一站式"', "枫泾镇", "金山区"),
 }
 
 
@@ -48,6 +51,8 @@ class Fleet:
     agents: dict[str, Proc]
 
     def agent(self, terminal: str, site: str) -> Proc:
+        if (previous := self.agents.get(terminal)) is not None:
+            previous.stop()  # reap it: a restarted agent replaces the earlier process
         config = write_agent_config(
             self.workdir / f"{terminal}.toml",
             terminal=terminal,
@@ -167,7 +172,7 @@ def test_three_agents_are_stored_with_their_tags_and_listed_online(fleet: Fleet)
 
     tags = eventually(stored, timeout=15)
     for terminal, site in placement.items():
-        name, town, district = SITES[site]
+        _name, town, district = SITES[site]
         assert tags[terminal] == {
             "terminal": terminal,
             "site": site,
@@ -175,12 +180,12 @@ def test_three_agents_are_stored_with_their_tags_and_listed_online(fleet: Fleet)
             "district": district,
         }
 
-    listing = eventually(
-        lambda: (t := fleet.terminals())
-        and all(t.get(x, {}).get("status") == "online" for x in placement)
-        and t,
-        timeout=10,
-    )
+    def all_online() -> dict[str, dict[str, object]] | None:
+        listing = fleet.terminals()
+        online = all(listing.get(x, {}).get("status") == "online" for x in placement)
+        return listing if online else None
+
+    listing = eventually(all_online, timeout=10)
     assert listing["fengjing-hdc-01"]["site_name"] == SITES["fengjing-hdc"][0]
     assert listing["zhujing-dqzx-01"]["last_seen_ms"]
 
@@ -213,14 +218,16 @@ def test_a_killed_agent_is_offline_within_the_keepalive_bound_and_back_after_res
 
     killed_at = time.monotonic()
     agent.signal(signal.SIGKILL)
-    eventually(lambda: fleet.status(terminal) == "offline", timeout=KEEPALIVE_S * 1.5 + 3)
-    assert time.monotonic() - killed_at <= KEEPALIVE_S * 1.5 + 3
+    eventually(lambda: fleet.status(terminal) == "offline", timeout=KEEPALIVE_S * 1.5 + MARGIN_S)
+    assert time.monotonic() - killed_at <= KEEPALIVE_S * 1.5 + MARGIN_S
     assert fleet.terminals()[terminal]["reason"] == "lost"
 
     fleet.agent(terminal, "zhujing-dqzx")
     eventually(
-        lambda: (t := fleet.terminals()[terminal])["status"] == "online"
-        and t["session"] == first_session + 1,
+        lambda: (
+            (t := fleet.terminals()[terminal])["status"] == "online"
+            and t["session"] == first_session + 1
+        ),
         timeout=15,
     )
 
@@ -239,11 +246,13 @@ def test_a_silent_agent_is_declared_lost_by_the_broker_keepalive(fleet: Fleet) -
     stopped_at = time.monotonic()
     agent.signal(signal.SIGSTOP)
     try:
-        eventually(lambda: fleet.status(terminal) == "offline", timeout=KEEPALIVE_S * 1.5 + 4)
+        eventually(
+            lambda: fleet.status(terminal) == "offline", timeout=KEEPALIVE_S * 1.5 + MARGIN_S
+        )
         elapsed = time.monotonic() - stopped_at
     finally:
         agent.signal(signal.SIGCONT)
-    assert KEEPALIVE_S <= elapsed <= KEEPALIVE_S * 1.5 + 4
+    assert KEEPALIVE_S <= elapsed <= KEEPALIVE_S * 1.5 + MARGIN_S
     # Woken up, the agent notices, reconnects with a new session and is online again.
     eventually(lambda: fleet.status(terminal) == "online", timeout=20)
 
@@ -286,11 +295,13 @@ def test_garbage_on_telemetry_is_counted_dropped_and_does_not_stop_ingest(fleet:
     rejected = eventually(counted, timeout=15)
     assert rejected.keys() <= {"malformed", "schema", "too_large"}
     assert rejected["too_large"] == 20
-    assert fleet.query("SELECT * FROM \"system\" WHERE \"terminal\" = 'garbage-01'") == []
+    assert fleet.query('SELECT * FROM "system" WHERE "terminal" = \'garbage-01\'') == []
     # Ingest goes on: the live agent's points keep arriving after the burst.
     after = time.time() * 1000
     eventually(
-        lambda: fleet.query(f'SELECT count("cpu_percent") FROM "system" WHERE time > {int(after)}ms'),
+        lambda: fleet.query(
+            f'SELECT count("cpu_percent") FROM "system" WHERE time > {int(after)}ms'
+        ),
         timeout=10,
     )
     assert fleet.server.popen is not None
@@ -316,5 +327,3 @@ async def _retained(stack: StackInfo, topic: str) -> bytes:
                 assert isinstance(message.payload, bytes)
                 return message.payload
     raise AssertionError("no retained message")
-
-

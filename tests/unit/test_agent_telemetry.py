@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
 from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.backoff import backoff_delays
-from edge_agent.telemetry import BatchBuilder, MonotonicStamp, SystemReading, to_sample
+from edge_agent.telemetry import (
+    BatchBuilder,
+    MonotonicStamp,
+    SystemReading,
+    encode_batches,
+    to_sample,
+)
+from fleet_protocol.codec import MAX_PAYLOAD, decode
+from fleet_protocol.messages import MAX_SAMPLES_PER_BATCH, Telemetry
 
 READING = SystemReading(
     cpu_percent=12.5,
@@ -86,3 +95,13 @@ def test_backlog_keeps_messages_until_acknowledged_and_drops_oldest_when_full() 
     backlog.done(b)
     assert backlog.peek() is c
     assert len(backlog) == 1
+
+
+def test_a_batch_too_large_for_one_message_is_split_and_loses_no_sample() -> None:
+    hot = dataclasses.replace(READING, temperatures={f"sensor-{i:02d}": 40.5 for i in range(40)})
+    batch = Telemetry(samples=[to_sample(hot, i, i) for i in range(MAX_SAMPLES_PER_BATCH)])
+    payloads = encode_batches(batch)
+    assert len(payloads) > 1
+    assert all(len(p) <= MAX_PAYLOAD for p in payloads)
+    seqs = [s.seq for p in payloads for s in decode(Telemetry, p).samples]
+    assert seqs == list(range(MAX_SAMPLES_PER_BATCH))

@@ -1,0 +1,172 @@
+"""Memory of the fleet server's ingest under a broker backlog, against plain aiomqtt.
+
+A persistent ingest session is subscribed, goes away, and N telemetry messages queue up in the
+broker for it. Then a consumer comes back and works through the backlog slowly (as when
+InfluxDB is slow). Printed: the consumer's peak RSS growth, for
+
+- baseline: aiomqtt as it comes (reads ahead into an unbounded queue, acknowledges at once);
+- ingest:   fleet_server.mqtt_ingest (Receive Maximum, acknowledged after handling).
+
+Each consumer runs in its own process so their memory is measured apart. Real Mosquitto from
+the project's stack, on loopback. Bounded: N messages, and a time limit per consumer.
+
+    .venv/bin/python bench/bench_ingest_backlog.py [--messages 20000] [--size 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleet_server.config import BrokerSettings
+from fleet_server.mqtt_ingest import Delivery, MqttIngest
+from provisioning.stack import running_stack
+
+TOPIC = "kiosk/v1/bench-0001/telemetry"
+PER_MESSAGE_S = 0.0002  # simulated slow store
+TIME_LIMIT_S = 120.0
+
+
+def _rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _session_props() -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 600
+    return props
+
+
+async def _prepare(port: int, client_id: str) -> None:
+    # One share group per consumer: a group shared with the other (offline) consumer's
+    # session would split the backlog between the two.
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=_session_props(),
+    ) as client:
+        await client.subscribe(f"$share/{client_id}/kiosk/v1/+/telemetry", qos=1)
+
+
+async def _fill(port: int, count: int, size: int) -> None:
+    payload = b"x" * size
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        for _ in range(count):
+            await client.publish(TOPIC, payload, qos=1)
+
+
+async def _baseline(port: int, count: int, client_id: str) -> int:
+    seen = 0
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=_session_props(),
+    ) as client:
+        async with asyncio.timeout(TIME_LIMIT_S):
+            async for _ in client.messages:
+                seen += 1
+                await asyncio.sleep(PER_MESSAGE_S)
+                if seen >= count:
+                    break
+    return seen
+
+
+async def _ingest(port: int, count: int, client_id: str) -> int:
+    seen = 0
+    stopping = asyncio.Event()
+    ingest = MqttIngest(
+        BrokerSettings(
+            host="127.0.0.1",
+            port=port,
+            client_id=client_id,
+            receive_maximum=200,
+            share_group=client_id,
+            session_expiry_s=600,
+        ),
+        logging.getLogger("bench"),
+    )
+
+    async def handle(delivery: Delivery) -> None:
+        nonlocal seen
+        if delivery.topic == TOPIC:
+            seen += 1
+        await asyncio.sleep(PER_MESSAGE_S)
+        delivery.ack()
+        if seen >= count:
+            stopping.set()
+
+    async with asyncio.timeout(TIME_LIMIT_S):
+        await ingest.run(handle, stopping)
+    return seen
+
+
+def _consume(
+    kind: str,
+    port: int,
+    count: int,
+    client_id: str,
+    out: multiprocessing.Queue[tuple[int, int, float]],
+) -> None:
+    start_rss = _rss_kib()
+    started = time.perf_counter()
+    runner = _baseline if kind == "baseline" else _ingest
+    seen = asyncio.run(runner(port, count, client_id))
+    out.put((seen, _rss_kib() - start_rss, time.perf_counter() - started))
+
+
+def _measure(kind: str, port: int, count: int, size: int) -> tuple[int, int, float]:
+    client_id = f"bench-{kind}"
+    asyncio.run(_prepare(port, client_id))
+    asyncio.run(_fill(port, count, size))
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[tuple[int, int, float]] = ctx.Queue()
+    proc = ctx.Process(target=_consume, args=(kind, port, count, client_id, out))
+    proc.start()
+    result = out.get(timeout=TIME_LIMIT_S + 30)
+    proc.join(30)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--size", type=int, default=2048)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp) / "stack") as info:
+        print(
+            f"backlog: {args.messages} messages x {args.size} B "
+            f"= {args.messages * args.size / 2**20:.1f} MiB in Mosquitto"
+        )
+        results = {
+            kind: _measure(kind, info.mqtt_port, args.messages, args.size)
+            for kind in ("baseline", "ingest")
+        }
+    for kind, (seen, rss_kib, secs) in results.items():
+        print(
+            f"{kind:9s} received {seen:6d}  peak RSS growth {rss_kib / 1024:7.1f} MiB  "
+            f"{secs:5.1f} s"
+        )
+    base, ours = results["baseline"][1], results["ingest"][1]
+    print(f"ratio ingest/baseline peak RSS growth: {ours / max(base, 1):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
