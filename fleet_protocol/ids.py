@@ -46,24 +46,23 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], rule: str) -> str
     return value
 
 
-_ID_RULE: Final = "3-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
+ID_RULE: Final = "3-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
+COMMAND_ID_RULE: Final = "8-64 letters, digits, '_' or '-'"
 
 
 def terminal_id(value: object) -> TerminalId:
     """Validate a terminal id (also the certificate CN and a topic level)."""
-    return TerminalId(_check("terminal id", value, _TERMINAL_RE, _ID_RULE))
+    return TerminalId(_check("terminal id", value, _TERMINAL_RE, ID_RULE))
 
 
 def site_id(value: object) -> SiteId:
     """Validate a site id."""
-    return SiteId(_check("site id", value, _TERMINAL_RE, _ID_RULE))
+    return SiteId(_check("site id", value, _TERMINAL_RE, ID_RULE))
 
 
 def command_id(value: object) -> CommandId:
     """Validate a command id (8-64 characters of letters, digits, '_' and '-')."""
-    return CommandId(
-        _check("command id", value, _COMMAND_ID_RE, "8-64 letters, digits, '_' or '-'")
-    )
+    return CommandId(_check("command id", value, _COMMAND_ID_RE, COMMAND_ID_RULE))
 
 
 def command_name(value: object) -> CommandName:

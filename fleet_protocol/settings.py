@@ -14,8 +14,13 @@ from typing import Final, TypeVar
 import msgspec
 
 from fleet_protocol.errors import ProtocolError
+from fleet_protocol.ids import COMMAND_ID_PATTERN, COMMAND_ID_RULE, ID_RULE, TERMINAL_ID_PATTERN
 
 T = TypeVar("T")
+
+#: msgspec names the regex a string failed; operators get the rule in words instead.
+_PATTERN_RULES: Final = {TERMINAL_ID_PATTERN: ID_RULE, COMMAND_ID_PATTERN: COMMAND_ID_RULE}
+_REGEX_PROBLEM: Final = re.compile(r"matching regex '(?P<regex>.*)'")
 
 _AT_PATH: Final = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 
@@ -54,4 +59,10 @@ def parse_toml(kind: type[T], data: bytes, source: str) -> T:
             raise SettingsError(source, None, str(exc)) from exc
         path = match.group("path")
         field = _field_path(path) if path else None
-        raise SettingsError(source, field, match.group("problem")) from exc
+        problem = match.group("problem")
+        regex = _REGEX_PROBLEM.search(problem)
+        # msgspec doubles the backslashes of the pattern it quotes.
+        rule = regex and _PATTERN_RULES.get(regex["regex"].replace("\\\\", "\\"))
+        if regex and rule:
+            problem = f"{problem[: regex.start()]}of {rule}{problem[regex.end() :]}"
+        raise SettingsError(source, field, problem) from exc

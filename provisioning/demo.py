@@ -57,14 +57,22 @@ AGENTS: Final = (
     ("tinglin-dqzx-01", "tinglin-dqzx"),
     ("shihua-sqsw-24h-01", "shihua-sqsw"),
 )
+DEFAULT_API_PORT: Final = 8700
 SIM_SITES: Final = ("zhujing-daijing-cun", "fengjing-zhonghong-cun", "tinglin-yuntao-cun")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _api_port() -> int:
+    """The ops API's default port when it is free (so `fleetctl terminals list` needs no
+    --server), else any free port."""
+    for candidate in (DEFAULT_API_PORT, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            port: int = s.getsockname()[1]
+            return port
+    raise DemoError("no free port on 127.0.0.1 for the fleet server's ops API")
 
 
 def _toml_str(value: str) -> str:
@@ -127,7 +135,11 @@ class _Children:
         log = self._logs / f"{name}.log"
         with log.open("ab") as out:
             try:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+                # Own session: Ctrl-C reaches only the demo, which stops everything in order
+                # (agents first, so they can still say goodbye to the broker).
+                proc = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
             except OSError as exc:
                 raise DemoError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from exc
         self.procs.append((name, proc, log))
@@ -191,8 +203,10 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
     with _interruptible():
         try:
             print(f"starting the local stack in {workdir / 'stack'} ...", file=out, flush=True)
-            with stack.running_stack(workdir / "stack") as info:
-                api = f"http://127.0.0.1:{_free_port()}"
+            stack_dir = workdir / "stack"
+            info = stack.up(stack_dir, detach=True)
+            try:
+                api = f"http://127.0.0.1:{_api_port()}"
                 cfg = workdir / "server" / "server.toml"
                 cfg.write_text(server_config(info, workdir, int(api.rsplit(":", 1)[1])), "utf-8")
                 print("starting the fleet server ...", file=out, flush=True)
@@ -225,11 +239,13 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                 while deadline is None or time.monotonic() < deadline:
                     children.check()
                     time.sleep(0.5)
+            finally:
+                print("\nstopping ...", file=out, flush=True)
+                children.stop(out)
+                stack.down(stack_dir)
         except KeyboardInterrupt:
-            print("\nstopping ...", file=out, flush=True)
-        finally:
-            children.stop(out)
-    print("  stopped the local stack; data stays in", workdir, file=out)
+            pass
+    print("  stopped the local stack; its data stays in", workdir / "stack", file=out)
     return 0
 
 

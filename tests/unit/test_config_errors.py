@@ -22,7 +22,7 @@ def test_a_minimal_agent_config_gets_sensible_defaults() -> None:
 @pytest.mark.parametrize(
     ("text", "field", "problem"),
     [
-        (b'[terminal]\nid = "Kiosk 1"\nsite = "s-1"\n', "terminal.id", "regex"),
+        (b'[terminal]\nid = "Kiosk 1"\nsite = "s-1"\n', "terminal.id", "3-63 characters"),
         (AGENT_OK + b'[broker]\nport = "1883"\n', "broker.port", "Expected `int`"),
         (AGENT_OK + b"[broker]\nport = 70000\n", "broker.port", "<= 65535"),
         (AGENT_OK + b"[broker]\nkeepalive = 30\n", "broker", "unknown field `keepalive`"),
