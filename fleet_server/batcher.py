@@ -2,8 +2,9 @@
 the first of them, whichever comes first.
 
 The deliveries that produced a batch are acknowledged only after InfluxDB accepted it. While
-InfluxDB is unavailable the batch is retried with capped backoff and nothing new is taken in
-(``add`` waits): the backlog stays in the broker, not in this process's memory.
+InfluxDB is unavailable the batch is retried with capped backoff, and once ``max_points`` more
+are waiting nothing new is taken in (``add`` waits): the backlog stays in the broker, not in
+this process's memory.
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ class PointBatcher:
         while not stopping.is_set():
             if not await _wait_any(self._first, stopping):
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), timeout=self._max_delay_s)
+            await _wait_any(self._full, stopping, max_wait_s=self._max_delay_s)
             await self._flush(stopping)
         await self._flush(stopping, final=True)
 
@@ -109,16 +109,18 @@ class PointBatcher:
                 return True
 
 
-async def _wait_any(event: asyncio.Event, stopping: asyncio.Event) -> bool:
-    """Wait for ``event`` or ``stopping``; True if ``event`` is set."""
-    if event.is_set():
-        return True
+async def _wait_any(
+    event: asyncio.Event, stopping: asyncio.Event, max_wait_s: float | None = None
+) -> bool:
+    """Wait for ``event`` or ``stopping`` (or ``max_wait_s``); True if ``event`` is set."""
+    if event.is_set() or stopping.is_set():
+        return event.is_set()
     waits = {
         asyncio.create_task(event.wait(), name="batcher-wait"),
         asyncio.create_task(stopping.wait(), name="batcher-stop"),
     }
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=max_wait_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in waits:
             task.cancel()

@@ -116,8 +116,8 @@ class Ingest:
         except DecodeError as exc:
             self._reject(terminal, exc.reason, delivery, exc.detail)
         except LineProtocolError as exc:
-            # Valid JSON that InfluxDB cannot store as sent (a sensor named "time", a control
-            # character in a label): the whole message is refused, never half of it.
+            # Valid JSON that InfluxDB cannot store as sent (a control character or a trailing
+            # backslash in a sensor name): the whole message is refused, never half of it.
             self._reject(terminal, "unstorable", delivery, str(exc))
 
     def _reject(self, terminal: str, reason: str, delivery: Delivery, detail: str = "") -> None:

@@ -6,8 +6,10 @@ Several server processes may share one registry file; every read-modify-write ru
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +70,7 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
+        self._writing = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         try:
@@ -90,6 +93,20 @@ class Registry:
             await self._db.close()
             self._db = None
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction at a time per process (tasks share the connection), and
+        ``BEGIN IMMEDIATE`` so SQLite serialises the writers of other processes too."""
+        async with self._writing:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -99,22 +116,20 @@ class Registry:
     async def migrate(self) -> tuple[int, int]:
         """Bring the schema up to date; returns (version before, version after)."""
         try:
-            await self.db.execute("BEGIN IMMEDIATE")
-            async with self.db.execute("PRAGMA user_version") as cur:
-                row = await cur.fetchone()
-            before = int(row[0]) if row else 0
-            if before > SCHEMA_VERSION:
-                await self.db.execute("ROLLBACK")
-                raise RegistryError(
-                    f"registry {self._path} has schema {before}, newer than this server's "
-                    f"{SCHEMA_VERSION}: upgrade fleet-server"
-                )
-            for version in range(before + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        await self.db.execute(statement)
-            await self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await self.db.execute("COMMIT")
+            async with self._transaction() as db:
+                async with db.execute("PRAGMA user_version") as cur:
+                    row = await cur.fetchone()
+                before = int(row[0]) if row else 0
+                if before > SCHEMA_VERSION:
+                    raise RegistryError(
+                        f"registry {self._path} has schema {before}, newer than this server's "
+                        f"{SCHEMA_VERSION}: upgrade fleet-server"
+                    )
+                for version in range(before + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise RegistryError(f"registry {self._path}: migration failed: {exc}") from exc
         return before, SCHEMA_VERSION
@@ -122,14 +137,13 @@ class Registry:
     async def put_sites(self, sites: Iterable[SiteRecord]) -> None:
         rows = [(s.id, s.name, s.town, s.district) for s in sites]
         try:
-            await self.db.execute("BEGIN IMMEDIATE")
-            await self.db.executemany(
-                "INSERT INTO sites(id, name, town, district) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET name=excluded.name, town=excluded.town, "
-                "district=excluded.district",
-                rows,
-            )
-            await self.db.execute("COMMIT")
+            async with self._transaction() as db:
+                await db.executemany(
+                    "INSERT INTO sites(id, name, town, district) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET name=excluded.name, town=excluded.town, "
+                    "district=excluded.district",
+                    rows,
+                )
         except sqlite3.Error as exc:
             raise RegistryError(f"registry: cannot store sites: {exc}") from exc
 
@@ -138,9 +152,8 @@ class Registry:
     ) -> Presence | None:
         """Record ``message`` if it is not stale; returns the new presence or None."""
         try:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                async with self.db.execute(
+            async with self._transaction() as db:
+                async with db.execute(
                     "SELECT online, session, since_ms, reason, expected_back_ms, site "
                     "FROM terminals WHERE id = ?",
                     (terminal,),
@@ -149,7 +162,7 @@ class Registry:
                 current = _presence(row) if row is not None else None
                 new = apply_state(current, message, received_ms)
                 if new is not None:
-                    await self.db.execute(
+                    await db.execute(
                         "INSERT INTO terminals(id, site, online, session, reason, since_ms, "
                         "expected_back_ms, last_seen_ms, agent_version) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -173,10 +186,6 @@ class Registry:
                             message.agent_version,
                         ),
                     )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise RegistryError(f"registry: cannot record state of {terminal}: {exc}") from exc
         return new
@@ -186,14 +195,13 @@ class Registry:
         if not last_seen:
             return
         try:
-            await self.db.execute("BEGIN IMMEDIATE")
-            await self.db.executemany(
-                "INSERT INTO terminals(id, last_seen_ms) VALUES (?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET last_seen_ms = "
-                "max(coalesce(terminals.last_seen_ms, 0), excluded.last_seen_ms)",
-                list(last_seen.items()),
-            )
-            await self.db.execute("COMMIT")
+            async with self._transaction() as db:
+                await db.executemany(
+                    "INSERT INTO terminals(id, last_seen_ms) VALUES (?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET last_seen_ms = "
+                    "max(coalesce(terminals.last_seen_ms, 0), excluded.last_seen_ms)",
+                    list(last_seen.items()),
+                )
         except sqlite3.Error as exc:
             raise RegistryError(f"registry: cannot record last-seen times: {exc}") from exc
 

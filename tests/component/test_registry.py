@@ -1,0 +1,185 @@
+"""The registry on a real SQLite file in tmp_path: schema migration, last-seen times, and
+presence decided consistently when several server processes share the file."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fleet_protocol import State, TerminalId, site_id, terminal_id
+from fleet_server.errors import RegistryError
+from fleet_server.registry import SCHEMA_VERSION, Registry, SiteRecord
+
+NOW = 1_732_190_400_000
+KIOSK = terminal_id("kiosk-pd-001")
+SITE = SiteRecord(site_id("pd-zhangjiang-01"), "张江镇政务服务中心", "张江镇", "浦东新区")
+
+
+def birth(session: int) -> State:
+    return State(online=True, session=session, ts=NOW, site=SITE.id)
+
+
+def death(session: int) -> State:
+    return State(online=False, session=session, ts=NOW, reason="lost")
+
+
+async def user_version(registry: Registry) -> int:
+    async with registry.db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.asyncio
+async def test_migrating_twice_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    async with Registry(path) as registry:
+        assert await registry.migrate() == (0, SCHEMA_VERSION)
+        await registry.put_sites([SITE])
+        await registry.apply_state(KIOSK, birth(3), NOW)
+        assert await registry.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
+
+    # Another process starting on the same file later.
+    async with Registry(path) as registry:
+        assert await registry.migrate() == (1, 1)
+        [view] = await registry.terminals()
+        assert (view.id, view.status, view.session, view.town) == (KIOSK, "online", 3, SITE.town)
+
+
+@pytest.fixture
+def registry_from_the_future(tmp_path: Path) -> Path:
+    """A registry file written by a newer fleet-server (schema version one above ours)."""
+    path = tmp_path / "registry.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE terminals (id TEXT PRIMARY KEY, shiny_new_column TEXT)")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    return path
+
+
+@pytest.mark.asyncio
+async def test_a_registry_from_a_newer_server_is_refused_untouched(
+    registry_from_the_future: Path,
+) -> None:
+    async with Registry(registry_from_the_future) as registry:
+        with pytest.raises(RegistryError, match="upgrade fleet-server") as refused:
+            await registry.migrate()
+        assert f"schema {SCHEMA_VERSION + 1}" in str(refused.value)
+        assert str(registry_from_the_future) in str(refused.value)
+
+        # Nothing was changed, and the connection is not left inside a transaction.
+        assert await user_version(registry) == SCHEMA_VERSION + 1
+        with pytest.raises(RegistryError, match="upgrade fleet-server"):
+            await registry.migrate()
+
+
+@pytest.mark.asyncio
+async def test_last_seen_never_moves_backwards(tmp_path: Path) -> None:
+    async with Registry(tmp_path / "registry.db") as registry:
+        await registry.migrate()
+        await registry.touch({KIOSK: NOW})
+        await registry.touch({KIOSK: NOW - 60_000})  # a late batch from another process
+        [view] = await registry.terminals()
+        assert view.last_seen_ms == NOW
+
+        await registry.touch({KIOSK: NOW + 1_000})
+        [view] = await registry.terminals()
+        assert view.last_seen_ms == NOW + 1_000
+
+        # A state received with an older clock does not move it back either.
+        await registry.apply_state(KIOSK, birth(1), NOW - 5_000)
+        [view] = await registry.terminals()
+        assert (view.status, view.last_seen_ms) == ("online", NOW + 1_000)
+
+
+@pytest.mark.asyncio
+async def test_a_terminal_only_seen_through_telemetry_has_unknown_status(tmp_path: Path) -> None:
+    other = terminal_id("kiosk-pd-002")
+    async with Registry(tmp_path / "registry.db") as registry:
+        await registry.migrate()
+        await registry.put_sites([SITE])
+        await registry.apply_state(KIOSK, birth(1), NOW)
+        await registry.touch({other: NOW})
+
+        views = {v.id: v for v in await registry.terminals()}
+        assert views[KIOSK].status == "online"
+        unknown = views[other]
+        assert (unknown.status, unknown.session, unknown.site, unknown.reason) == (
+            "unknown",
+            None,
+            None,
+            None,
+        )
+        assert unknown.last_seen_ms == NOW
+
+        # Its first birth then settles it.
+        await registry.apply_state(other, birth(4), NOW + 10)
+        views = {v.id: v for v in await registry.terminals()}
+        assert (views[other].status, views[other].session) == ("online", 4)
+        assert views[other].town == SITE.town
+
+
+def state_stream(terminal: TerminalId, sessions: int, seed: int) -> list[State]:
+    """Every birth 1..sessions and every death but the last session's, shuffled."""
+    stream = [birth(s) for s in range(1, sessions + 1)] + [death(s) for s in range(1, sessions)]
+    random.Random(seed).shuffle(stream)
+    return stream
+
+
+@pytest.mark.asyncio
+async def test_two_processes_sharing_the_file_agree_on_the_newest_session(
+    tmp_path: Path,
+) -> None:
+    # Each server process sees every state message (a plain subscription) in its own order
+    # and applies them one at a time; the two processes run at the same time on one file.
+    path = tmp_path / "registry.db"
+    terminals = [terminal_id(f"kiosk-pd-{n:03d}") for n in range(1, 4)]
+    sessions = 15
+
+    async def process(registry: Registry, seed: int) -> None:
+        streams = [state_stream(t, sessions, seed * 100 + i) for i, t in enumerate(terminals)]
+        for step, messages in enumerate(zip(*streams, strict=True)):
+            for terminal, message in zip(terminals, messages, strict=True):
+                await registry.apply_state(terminal, message, NOW + step)
+
+    async with Registry(path) as first, Registry(path) as second:
+        await first.migrate()
+        await second.migrate()
+        await first.put_sites([SITE])
+        await asyncio.gather(process(first, seed=1), process(second, seed=2))
+
+        for registry in (first, second):
+            views = await registry.terminals()
+            assert [(v.id, v.status, v.session, v.reason) for v in views] == [
+                (t, "online", sessions, None) for t in terminals
+            ]
+
+
+@pytest.mark.asyncio
+async def test_state_and_last_seen_updates_from_concurrent_tasks_of_one_process(
+    tmp_path: Path,
+) -> None:
+    # fleet_server.app runs the ingest task (apply_state for each state message) and the
+    # last-seen task (touch every 2 s) at the same time on one Registry.
+    other = terminal_id("kiosk-pd-002")
+    sessions = 20
+
+    async with Registry(tmp_path / "registry.db") as registry:
+        await registry.migrate()
+
+        async def ingest() -> None:
+            for session in range(1, sessions + 1):
+                await registry.apply_state(KIOSK, birth(session), NOW + session)
+
+        async def last_seen() -> None:
+            for n in range(1, sessions + 1):
+                await registry.touch({other: NOW + n})
+
+        await asyncio.gather(ingest(), last_seen())
+
+        views = {v.id: v for v in await registry.terminals()}
+        assert (views[KIOSK].status, views[KIOSK].session) == ("online", sessions)
+        assert (views[other].status, views[other].last_seen_ms) == ("unknown", NOW + sessions)
