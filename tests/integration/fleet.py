@@ -117,6 +117,54 @@ state_dir = "{state_dir}"
     return path
 
 
+def write_server_config(
+    path: Path,
+    *,
+    mqtt_port: int,
+    influx_url: str,
+    database: str,
+    registry: Path,
+    api_port: int,
+    client_id: str = "fleet-server-1",
+    share_group: str = "fleet",
+    extra: str = "",
+) -> Path:
+    path.write_text(
+        f"""
+[broker]
+host = "127.0.0.1"
+port = {mqtt_port}
+client_id = "{client_id}"
+share_group = "{share_group}"
+keepalive_s = 5
+session_expiry_s = 60
+
+[influx]
+url = "{influx_url}"
+database = "{database}"
+batch_points = 500
+flush_interval_s = 0.2
+
+[registry]
+path = "{registry}"
+
+[api]
+host = "127.0.0.1"
+port = {api_port}
+{extra}""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def server_healthy(api: str) -> bool:
+    """True once the server's ops API answers and its broker subscription is up."""
+    try:
+        return bool(http_json(f"{api}/healthz"))
+    except OSError:
+        return False
+
+
 def influx_query(url: str, database: str, query: str) -> list[dict[str, object]]:
     """Run InfluxQL with the plain v1 HTTP API; returns the first statement's series."""
     params = urllib.parse.urlencode({"db": database, "q": query, "epoch": "ms"})
