@@ -1,0 +1,93 @@
+"""The server's subscription under a broker backlog: everything arrives, nothing is dropped,
+and the in-process queue stays at its bound even though Mosquitto 2.0 pushes a resumed
+session's backlog past Receive Maximum."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleet_server import mqtt_ingest
+from fleet_server.config import BrokerSettings
+from fleet_server.mqtt_ingest import Delivery, MqttIngest
+from provisioning.stack import StackInfo
+
+pytestmark = pytest.mark.integration
+
+BACKLOG = 3000
+RECEIVE_MAXIMUM = 50
+
+
+async def _subscribe_then_leave(port: int, client_id: str, group: str) -> None:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 300
+    props.ReceiveMaximum = RECEIVE_MAXIMUM
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=props,
+    ) as client:
+        await client.subscribe(f"$share/{group}/kiosk/v1/+/telemetry", qos=1)
+
+
+async def _publish(port: int, terminal: str, count: int) -> None:
+    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+        for i in range(count):
+            await client.publish(f"kiosk/v1/{terminal}/telemetry", str(i).encode(), qos=1)
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_is_worked_through_completely_with_a_bounded_queue(
+    stack: StackInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    client_id, group, terminal = f"ingest-{tag}", f"g{tag}", f"backlog-{tag}"
+    await _subscribe_then_leave(stack.mqtt_port, client_id, group)
+    await _publish(stack.mqtt_port, terminal, BACKLOG)
+
+    clients: list[mqtt_ingest._FlowControlledClient] = []
+    make_client = MqttIngest._client
+
+    def recording(self: MqttIngest) -> mqtt_ingest._FlowControlledClient:
+        client = make_client(self)
+        clients.append(client)
+        return client
+
+    monkeypatch.setattr(MqttIngest, "_client", recording)
+    seen: list[int] = []
+    stopping = asyncio.Event()
+
+    async def slow_store(delivery: Delivery) -> None:
+        if delivery.topic == f"kiosk/v1/{terminal}/telemetry":
+            seen.append(int(delivery.payload))
+        await asyncio.sleep(0.0005)  # a store slower than the broker
+        delivery.ack()
+        if len(seen) >= BACKLOG:
+            stopping.set()
+
+    ingest = MqttIngest(
+        BrokerSettings(
+            port=stack.mqtt_port,
+            client_id=client_id,
+            share_group=group,
+            receive_maximum=RECEIVE_MAXIMUM,
+            session_expiry_s=300,
+        ),
+        logging.getLogger("test"),
+    )
+    async with asyncio.timeout(60):
+        await ingest.run(slow_store, stopping)
+
+    assert sorted(seen) == list(range(BACKLOG))  # nothing lost, nothing twice
+    assert len(clients) == 1  # and no reconnect was needed to get it all
+    assert clients[0].flow_queue.peak <= RECEIVE_MAXIMUM
+    assert clients[0].pauses > 0  # the broker did overrun Receive Maximum; reading paused
