@@ -74,10 +74,19 @@ class Agent:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Run until ``stopping`` is set, then shut down gracefully."""
+        # The uplink stops only after the collectors have put their last partial batch in the
+        # backlog, so the final flush includes it.
+        uplink_stopping = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._telemetry(stopping), name=f"telemetry:{self.config.terminal.id}")
-            tg.create_task(self.uplink.run(stopping), name=f"uplink:{self.config.terminal.id}")
+            telemetry = tg.create_task(
+                self._telemetry(stopping), name=f"telemetry:{self.config.terminal.id}"
+            )
+            tg.create_task(
+                self.uplink.run(uplink_stopping), name=f"uplink:{self.config.terminal.id}"
+            )
             await stopping.wait()
+            await telemetry
+            uplink_stopping.set()
             self.backlog.wake()
 
     async def _telemetry(self, stopping: asyncio.Event) -> None:
@@ -96,7 +105,6 @@ class Agent:
         rest = self._batches.take()
         if rest is not None:
             self._queue(rest)
-            self.backlog.wake()
 
     def _queue(self, batch: Telemetry) -> None:
         for payload in encode_batches(batch):
