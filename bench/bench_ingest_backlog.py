@@ -42,23 +42,24 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _session_props() -> Properties:
+def _session_client(port: int, client_id: str) -> aiomqtt.Client:
+    """A plain aiomqtt client resuming the persistent session ``client_id``."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 600
-    return props
-
-
-async def _prepare(port: int, client_id: str) -> None:
-    # One share group per consumer: a group shared with the other (offline) consumer's
-    # session would split the backlog between the two.
-    async with aiomqtt.Client(
+    return aiomqtt.Client(
         "127.0.0.1",
         port,
         identifier=client_id,
         protocol=aiomqtt.ProtocolVersion.V5,
         clean_start=False,
-        properties=_session_props(),
-    ) as client:
+        properties=props,
+    )
+
+
+async def _prepare(port: int, client_id: str) -> None:
+    # One share group per consumer: a group shared with the other (offline) consumer's
+    # session would split the backlog between the two.
+    async with _session_client(port, client_id) as client:
         await client.subscribe(f"$share/{client_id}/kiosk/v1/+/telemetry", qos=1)
 
 
@@ -71,14 +72,7 @@ async def _fill(port: int, count: int, size: int) -> None:
 
 async def _baseline(port: int, count: int, client_id: str) -> int:
     seen = 0
-    async with aiomqtt.Client(
-        "127.0.0.1",
-        port,
-        identifier=client_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=False,
-        properties=_session_props(),
-    ) as client:
+    async with _session_client(port, client_id) as client:
         async with asyncio.timeout(TIME_LIMIT_S):
             async for _ in client.messages:
                 seen += 1

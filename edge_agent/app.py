@@ -8,7 +8,6 @@ Tasks (all named, all owned by one TaskGroup, all ended through ``stopping``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt_uplink import MqttUplink
 from edge_agent.session import next_session
+from edge_agent.stopping import sleep_unless_stopped
 from edge_agent.telemetry import (
     BatchBuilder,
     MonotonicStamp,
@@ -100,8 +100,7 @@ class Agent:
             if batch is not None:
                 self._queue(batch)
             next_tick = max(next_tick + interval, loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=next_tick - loop.time())
+            await sleep_unless_stopped(stopping, next_tick - loop.time())
         rest = self._batches.take()
         if rest is not None:
             self._queue(rest)

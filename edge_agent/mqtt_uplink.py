@@ -20,7 +20,6 @@ One connection at a time, for as long as the agent runs:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +32,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.backoff import backoff_delays
 from edge_agent.config import BrokerSettings
+from edge_agent.stopping import sleep_unless_stopped
 from fleet_protocol.codec import encode
 from fleet_protocol.ids import SiteId, TerminalId
 from fleet_protocol.messages import State
@@ -131,8 +131,7 @@ class MqttUplink:
                 self.connects = 0
             delay = next(delays)
             self._log.info("reconnecting in %.1f s", delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=delay)
+            await sleep_unless_stopped(stopping, delay)
 
     def _client(self, session: int) -> _PubackClient:
         will = State(online=False, session=session, ts=self._now_ms(), reason="lost")
@@ -198,8 +197,7 @@ class MqttUplink:
             self._log.info(
                 "no subscriber for %s yet; offering it again in %.1f s", item.topic, retry
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=retry)
+            await sleep_unless_stopped(stopping, retry)
             retry = min(UNDELIVERED_RETRY_MAX_S, retry * 2)
 
     async def _offer(self, client: _PubackClient, item: Outgoing) -> bool:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from fleet_server.api import IngestStats, make_app, serve
@@ -19,6 +18,7 @@ from fleet_server.influx import InfluxDB
 from fleet_server.ingest import Ingest
 from fleet_server.mqtt_ingest import MqttIngest
 from fleet_server.registry import Registry, SiteRecord
+from fleet_server.stopping import sleep_unless_stopped
 
 LAST_SEEN_EVERY_S = 2.0
 
@@ -86,8 +86,7 @@ async def _ensure_database(influx: InfluxDB, stopping: asyncio.Event) -> bool:
             await influx.ensure_database()
         except InfluxUnavailable as exc:
             log.warning("InfluxDB not reachable yet (%s); retrying in %.1f s", exc, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=delay)
+            await sleep_unless_stopped(stopping, delay)
             delay = min(30.0, delay * 2)
         else:
             return True
@@ -96,8 +95,7 @@ async def _ensure_database(influx: InfluxDB, stopping: asyncio.Event) -> bool:
 
 async def _last_seen(registry: Registry, ingest: Ingest, stopping: asyncio.Event) -> None:
     while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), timeout=LAST_SEEN_EVERY_S)
+        await sleep_unless_stopped(stopping, LAST_SEEN_EVERY_S)
         seen, ingest.last_seen = ingest.last_seen, {}
         await registry.touch(seen)
         if stopping.is_set():

@@ -10,13 +10,13 @@ this process's memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from fleet_server.errors import InfluxRejected, InfluxUnavailable
 from fleet_server.lineproto import Point, encode_points
+from fleet_server.stopping import sleep_unless_stopped
 
 Write = Callable[[bytes], Awaitable[None]]
 Ack = Callable[[], None]
@@ -100,8 +100,7 @@ class PointBatcher:
                 self._log.warning("InfluxDB unavailable (%s); retrying in %.1f s", exc, delay)
                 if stopping.is_set():
                     return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=delay)
+                await sleep_unless_stopped(stopping, delay)
                 delay = min(RETRY_MAX_S, delay * 2)
             else:
                 self.counters.points_written += count

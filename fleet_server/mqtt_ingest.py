@@ -29,7 +29,6 @@ Subscriptions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_protocol.topics import Channel, fleet_filter, shared_filter
 from fleet_server.config import BrokerSettings
+from fleet_server.stopping import sleep_unless_stopped
 
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
@@ -177,8 +177,7 @@ class MqttIngest:
                     "; ".join(str(e) for e in group.exceptions),
                     delay,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=delay)
+                await sleep_unless_stopped(stopping, delay)
                 delay = min(RECONNECT_MAX_S, delay * 2)
             else:
                 delay = RECONNECT_MIN_S

@@ -154,7 +154,7 @@ class Registry:
         try:
             async with self._transaction() as db:
                 async with db.execute(
-                    "SELECT online, session, since_ms, reason, expected_back_ms, site "
+                    "SELECT online, session, since_ms, reason, expected_back_ms "
                     "FROM terminals WHERE id = ?",
                     (terminal,),
                 ) as cur:

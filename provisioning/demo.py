@@ -31,23 +31,21 @@ class DemoSite:
     id: str
     name: str
     town: str
-    kind: str
 
 
 DISTRICT: Final = "金山区"
 SITES: Final = (
-    DemoSite("zhujing-dqzx", "朱泾镇党群服务中心", "朱泾镇", "党群服务中心"),
-    DemoSite("fengjing-dqzx", "枫泾镇党群服务中心", "枫泾镇", "党群服务中心"),
-    DemoSite("tinglin-dqzx", "亭林镇党群服务中心", "亭林镇", "党群服务中心"),
+    DemoSite("zhujing-dqzx", "朱泾镇党群服务中心", "朱泾镇"),
+    DemoSite("fengjing-dqzx", "枫泾镇党群服务中心", "枫泾镇"),
+    DemoSite("tinglin-dqzx", "亭林镇党群服务中心", "亭林镇"),
     DemoSite(
         "shihua-sqsw",
         "石化街道社区事务受理服务中心（24小时自助服务区）",
         "石化街道",
-        "社区事务受理服务中心",
     ),
-    DemoSite("zhujing-daijing-cun", "朱泾镇待泾村村民服务点", "朱泾镇", "村居服务点"),
-    DemoSite("fengjing-zhonghong-cun", "枫泾镇中洪村村民服务点", "枫泾镇", "村居服务点"),
-    DemoSite("tinglin-yuntao-cun", "亭林镇运河村村民服务点", "亭林镇", "村居服务点"),
+    DemoSite("zhujing-daijing-cun", "朱泾镇待泾村村民服务点", "朱泾镇"),
+    DemoSite("fengjing-zhonghong-cun", "枫泾镇中洪村村民服务点", "枫泾镇"),
+    DemoSite("tinglin-yuntao-cun", "亭林镇运河村村民服务点", "亭林镇"),
 )
 #: Real agent processes, one per town centre kiosk.
 AGENTS: Final = (
