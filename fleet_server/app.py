@@ -2,23 +2,35 @@
 
 - ``ingest``: the broker subscription, feeding :class:`~fleet_server.ingest.Ingest`;
 - ``batcher``: batched writes to InfluxDB, acknowledging deliveries once stored;
-- ``last-seen``: records when each terminal was last heard from in the registry.
+- ``last-seen``: records when each terminal was last heard from in the registry;
+- ``pki-upkeep`` (with ``[enrolment]``): CRL freshness and revocation after renewal grace.
+
+With ``[enrolment]`` the server also serves enrolment and renewal over HTTPS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from fleet_server.api import IngestStats, make_app, serve
 from fleet_server.batcher import PointBatcher
 from fleet_server.config import ServerConfig
-from fleet_server.errors import InfluxUnavailable
+from fleet_server.enrolment_api import (
+    make_enrolment_app,
+    pki_upkeep,
+    serve_enrolment,
+    tls_context,
+)
+from fleet_server.errors import ConfigError, InfluxUnavailable
 from fleet_server.influx import InfluxDB
 from fleet_server.ingest import Ingest
 from fleet_server.mqtt_ingest import MqttIngest
 from fleet_server.registry import Registry, SiteRecord
 from fleet_server.stopping import sleep_unless_stopped
+from provisioning.authority import FleetAuthority
+from provisioning.errors import ProvisioningError
 
 LAST_SEEN_EVERY_S = 2.0
 
@@ -65,17 +77,44 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
                 broker_connected=mqtt.connected.is_set(),
             )
 
+        authority = await _open_authority(config)
         stop_api = await serve(
             make_app(registry, stats, mqtt.connected.is_set), config.api.host, config.api.port
         )
         log.info("ops API on http://%s:%d", config.api.host, config.api.port)
+        stop_enrolment = None
         try:
+            if authority is not None and config.enrolment is not None:
+                e = config.enrolment
+                stop_enrolment = await serve_enrolment(
+                    make_enrolment_app(authority, e.public_url),
+                    e.host,
+                    e.port,
+                    tls_context(authority.layout.root),
+                )
+                log.info("enrolment on https://%s:%d", e.host, e.port)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(mqtt.run(ingest.handle, stopping), name="ingest")
                 tg.create_task(batcher.run(stopping), name="batcher")
                 tg.create_task(_last_seen(registry, ingest, stopping), name="last-seen")
+                if authority is not None and config.enrolment is not None:
+                    tg.create_task(
+                        pki_upkeep(authority, config.enrolment.upkeep_s, stopping),
+                        name="pki-upkeep",
+                    )
         finally:
+            if stop_enrolment is not None:
+                await stop_enrolment()
             await stop_api()
+
+
+async def _open_authority(config: ServerConfig) -> FleetAuthority | None:
+    if config.enrolment is None:
+        return None
+    try:
+        return await asyncio.to_thread(FleetAuthority.open, Path(config.enrolment.pki_dir))
+    except ProvisioningError as exc:
+        raise ConfigError(f"[enrolment] pki_dir {config.enrolment.pki_dir}: {exc}") from exc
 
 
 async def _ensure_database(influx: InfluxDB, stopping: asyncio.Event) -> bool:

@@ -2,11 +2,14 @@
 
 Example (only ``[influx] url`` and ``[registry] path`` have no useful default)::
 
-    [broker]
+    [broker]                       # the broker's service listener (mutual TLS)
     host = "127.0.0.1"
-    port = 1883
+    port = 8884
     client_id = "fleet-server-1"   # unique per server process; its session survives restarts
     receive_maximum = 200          # unacknowledged deliveries in flight: the ingest queue bound
+    ca_file = "/var/lib/kiosk-fleet/pki/ca.pem"              # verifies the broker
+    cert_file = "/var/lib/kiosk-fleet/pki/fleet-server.pem"  # our identity (service CA)
+    key_file = "/var/lib/kiosk-fleet/pki/fleet-server.key"
 
     [influx]
     url = "http://127.0.0.1:8086"
@@ -20,6 +23,13 @@ Example (only ``[influx] url`` and ``[registry] path`` have no useful default)::
     [api]
     host = "127.0.0.1"
     port = 8700
+
+    [enrolment]                    # optional: enrol and renew terminals over HTTPS
+    pki_dir = "/var/lib/kiosk-fleet/pki"   # made by `fleetctl ca init`
+    host = "0.0.0.0"
+    port = 8701
+    public_url = "https://fleet.example.gov.cn:8701"  # as kiosks reach it (for renewals)
+    upkeep_s = 60                  # revoke renewed-away certificates, keep the CRL fresh
 
     [[sites]]                      # placement of sites until the registry import arrives
     id = "zhujing-dqzx"
@@ -47,9 +57,15 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Unknown keys are errors: a typo must not silently fall back to a default."""
 
 
+FilePath = Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class BrokerSettings(_Section, frozen=True, kw_only=True):
     host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)] = "127.0.0.1"
-    port: Port = 1883
+    port: Port = 8884
+    ca_file: FilePath
+    cert_file: FilePath
+    key_file: FilePath
     client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")] = "fleet-server-1"
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=300)] = 30
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 86400
@@ -75,6 +91,14 @@ class ApiSettings(_Section, frozen=True, kw_only=True):
     port: Port = 8700
 
 
+class EnrolmentSettings(_Section, frozen=True, kw_only=True):
+    pki_dir: FilePath
+    host: str = "127.0.0.1"
+    port: Port = 8701
+    public_url: Annotated[str, msgspec.Meta(pattern=r"^https://[^/]+")]
+    upkeep_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+
+
 class SiteSettings(_Section, frozen=True, kw_only=True):
     id: SiteIdField
     name: Name
@@ -85,8 +109,9 @@ class SiteSettings(_Section, frozen=True, kw_only=True):
 class ServerConfig(_Section, frozen=True, kw_only=True):
     influx: InfluxSettings
     registry: RegistrySettings
-    broker: BrokerSettings = BrokerSettings()
+    broker: BrokerSettings
     api: ApiSettings = ApiSettings()
+    enrolment: EnrolmentSettings | None = None
     sites: list[SiteSettings] = []
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_protocol.topics import Channel, fleet_filter, shared_filter
 from fleet_server.config import BrokerSettings
+from fleet_server.errors import ConfigError
 from fleet_server.stopping import sleep_unless_stopped
 
 RECONNECT_MIN_S = 0.5
@@ -140,6 +142,10 @@ class _FlowControlledClient(aiomqtt.Client):
         if not self._reading and self._fd >= 0:
             self._loop.add_reader(self._fd, self._read_socket)
             self._reading = True
+            # Bytes TLS decoded before the pause are not announced by select() again.
+            sock = self._client.socket()
+            if sock is not None and getattr(sock, "pending", int)() > 0:
+                self._loop.call_soon(self._read_socket)
 
 
 class MqttIngest:
@@ -147,6 +153,7 @@ class MqttIngest:
         self._settings = settings
         self._log = logger
         self.connected = asyncio.Event()
+        self._tls_context()  # unusable TLS files stop the server at start, naming them
 
     def _client(self) -> _FlowControlledClient:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -161,7 +168,22 @@ class MqttIngest:
             keepalive=self._settings.keepalive_s,
             properties=props,
             high_water=self._settings.receive_maximum,
+            tls_context=self._tls_context(),
         )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Mutual TLS to the broker's service listener; files are read at every connect."""
+        s = self._settings
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=s.ca_file)
+            context.load_cert_chain(s.cert_file, s.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"[broker] TLS files ca_file={s.ca_file}, cert_file={s.cert_file}, "
+                f"key_file={s.key_file} cannot be used: {exc}"
+            ) from exc
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
 
     async def run(self, handle: Handler, stopping: asyncio.Event) -> None:
         """Deliver messages to ``handle`` until ``stopping``; reconnects on its own."""

@@ -33,20 +33,37 @@ The limits are deliberate, and each is explained again in a comment in the gener
     Small MQTT packets (acks, state changes, commands) are sent at once instead of waiting for
     Nagle's algorithm.
 
-For now there is one plain listener on a loopback address with anonymous access; the TLS
-listener with client certificates and the ACL arrive in a later change, in
-:func:`_listener_lines` and :func:`_access_lines`.
+Access: there is no plain listener and no anonymous access. Two TLS listeners, each trusting
+one CA (see :mod:`provisioning.pki`):
+
+terminal listener (``host:port``)
+    ``require_certificate`` with the fleet CA and its CRL; ``use_identity_as_username``, so the
+    certificate's CN (the terminal id) is the identity the ACL sees, whatever username the
+    client sends; ``use_username_as_clientid``, so no client can take over another terminal's
+    session by choosing its client id.
+service listener (``service_host:service_port``)
+    ``require_certificate`` with the service CA only, so no terminal certificate opens a session
+    here. Client ids are free: several fleet-server processes share the ingest, and fleetctl
+    cuts a revoked terminal's open session off by taking its client id over (see
+    :mod:`provisioning.broker_control`).
+
+The ACL (:func:`render_acl`) gives each terminal its own topics through ``pattern`` lines on
+``%u`` and the fleet server the whole tree; a revoked terminal gets a ``topic deny #`` of its
+own, which Mosquitto applies to sessions that are already open when it rereads the ACL on
+SIGHUP (it does not re-check open sessions against a reloaded CRL).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from fleet_protocol.codec import MAX_PAYLOAD
+from fleet_protocol.ids import terminal_id
 from provisioning.errors import InvalidSettings
 
 MIB: Final = 1024 * 1024
@@ -69,8 +86,16 @@ class BrokerSettings:
 
     host: str = "127.0.0.1"
     port: int
+    service_host: str = "127.0.0.1"
+    service_port: int
     data_dir: Path
     log_file: Path
+    ca_file: Path
+    service_ca_file: Path
+    cert_file: Path
+    key_file: Path
+    crl_file: Path
+    acl_file: Path
     run_as_user: str | None = None
     max_queued_messages: int = 1_000_000
     max_queued_bytes: int = 512 * MIB
@@ -81,13 +106,32 @@ class BrokerSettings:
     autosave_interval: int = 60
 
     def __post_init__(self) -> None:
-        _check_loopback(self.host)
-        if not 1 <= self.port <= 65535:
-            raise InvalidSettings(f"broker port {self.port} is not in 1..65535")
-        for name, path in (("data_dir", self.data_dir), ("log_file", self.log_file)):
+        self._check_listeners()
+        self._check_limits()
+
+    def _check_listeners(self) -> None:
+        for name, host in (("host", self.host), ("service_host", self.service_host)):
+            _check_address(name, host)
+        for name, port in (("port", self.port), ("service_port", self.service_port)):
+            if not 1 <= port <= 65535:
+                raise InvalidSettings(f"broker {name} {port} is not in 1..65535")
+        if (self.host, self.port) == (self.service_host, self.service_port):
+            raise InvalidSettings("the terminal and service listeners need different ports")
+        for name, path in (
+            ("data_dir", self.data_dir),
+            ("log_file", self.log_file),
+            ("ca_file", self.ca_file),
+            ("service_ca_file", self.service_ca_file),
+            ("cert_file", self.cert_file),
+            ("key_file", self.key_file),
+            ("crl_file", self.crl_file),
+            ("acl_file", self.acl_file),
+        ):
             if not path.is_absolute():
                 raise InvalidSettings(f"broker {name} must be an absolute path, got {path}")
             _check_value(name, str(path))
+
+    def _check_limits(self) -> None:
         if self.run_as_user is not None and (
             not self.run_as_user or re.search(r"\s", self.run_as_user)
         ):
@@ -132,7 +176,7 @@ def render_broker_config(settings: BrokerSettings) -> str:
         _persistence_lines(settings),
         _limit_lines(settings),
         _logging_lines(settings),
-        _access_lines(),
+        _access_lines(settings),
         _listener_lines(settings),
     )
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
@@ -202,32 +246,74 @@ def _logging_lines(settings: BrokerSettings) -> list[str]:
     ]
 
 
-def _access_lines() -> list[str]:
+def _access_lines(settings: BrokerSettings) -> list[str]:
     return [
+        "# One ACL for every listener; nobody connects without a client certificate.",
         "per_listener_settings false",
-        "# Anonymous access on a loopback-only listener until the TLS listener with client",
-        "# certificates (use_identity_as_username) and the per-terminal ACL arrive.",
-        "allow_anonymous true",
+        "allow_anonymous false",
+        "# Per-terminal patterns, the fleet server's access and denials of revoked terminals;",
+        "# reread on SIGHUP and applied to sessions that are already open.",
+        f"acl_file {settings.acl_file}",
     ]
 
 
 def _listener_lines(settings: BrokerSettings) -> list[str]:
     return [
-        "# Plain MQTT on a loopback address only.",
+        "# Terminals: TLS with a fleet CA client certificate, checked against the CRL (reread",
+        "# on SIGHUP). The CN is the identity and the client id, so a terminal can neither",
+        "# act as another nor take another's session over by choosing its client id.",
         f"listener {settings.port} {settings.host}",
+        "tls_version tlsv1.2",
+        f"cafile {settings.ca_file}",
+        f"certfile {settings.cert_file}",
+        f"keyfile {settings.key_file}",
+        f"crlfile {settings.crl_file}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "",
+        "# The fleet's own services: TLS with a service CA client certificate only, so no",
+        "# terminal certificate opens a session here. Client ids are free (several",
+        "# fleet-server processes; fleetctl takes a revoked terminal's session over).",
+        f"listener {settings.service_port} {settings.service_host}",
+        "tls_version tlsv1.2",
+        f"cafile {settings.service_ca_file}",
+        f"certfile {settings.cert_file}",
+        f"keyfile {settings.key_file}",
+        "require_certificate true",
+        "use_identity_as_username true",
     ]
 
 
-def _check_loopback(host: str) -> None:
+#: What each terminal may do on its own topics (DESIGN.md, "MQTT contract").
+TERMINAL_WRITES: Final = ("state", "telemetry", "peripherals", "events", "reported", "cmd-result")
+TERMINAL_READS: Final = ("desired", "cmd/#")
+
+
+def render_acl(denied: Iterable[str], *, server_identity: str = "fleet.server") -> str:
+    """The broker's ACL file: ``denied`` terminals lose all access, open sessions included."""
+    lines = [
+        "# Mosquitto ACL for the kiosk fleet. Generated by provisioning.authority; rewritten",
+        "# on every revocation, so edits here are lost.",
+        "",
+        "# The fleet server reads telemetry, state and results and writes desired and cmd.",
+        f"user {server_identity}",
+        "topic readwrite kiosk/v1/#",
+    ]
+    for name in denied:
+        # A user's own deny is checked before the patterns below.
+        lines += ["", "# revoked", f"user {terminal_id(name)}", "topic deny #"]
+    lines += ["", "# Every terminal, on its own topics only (%u is its certificate's CN)."]
+    lines += [f"pattern write kiosk/v1/%u/{channel}" for channel in TERMINAL_WRITES]
+    lines += [f"pattern read kiosk/v1/%u/{channel}" for channel in TERMINAL_READS]
+    return "\n".join(lines) + "\n"
+
+
+def _check_address(name: str, host: str) -> None:
     try:
-        address = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError as exc:
-        raise InvalidSettings(f"broker host must be an IP address, got {host!r}") from exc
-    if not address.is_loopback:
-        raise InvalidSettings(
-            f"broker host {host} is not a loopback address; the plain listener is for local "
-            "use only until the TLS listener exists"
-        )
+        raise InvalidSettings(f"broker {name} must be an IP address, got {host!r}") from exc
 
 
 def _check_value(name: str, value: str) -> None:

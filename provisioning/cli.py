@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 
-from provisioning import demo, ops_client, stack
+from provisioning import demo, ops_client, pki_commands, stack
 from provisioning.errors import InvalidSettings, ProvisioningError
 
 PROG: Final = "fleetctl"
@@ -60,7 +60,7 @@ def _add_stack_commands(subparsers: _Subparsers) -> None:
         description="Run real Mosquitto, InfluxDB and an SMTP sink as background processes, "
         "bound to 127.0.0.1, with configs, data and logs under one work dir.",
     )
-    actions = group.add_subparsers(dest="action", required=True, metavar="{up,down,status}")
+    actions = group.add_subparsers(dest="action", required=True, metavar="{up,down,status,reload}")
 
     def with_workdir(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument(
@@ -109,6 +109,15 @@ def _add_stack_commands(subparsers: _Subparsers) -> None:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(command="stack status")
 
+    reload = with_workdir(
+        actions.add_parser(
+            "reload",
+            help="make the broker reread its CRL and ACL (after a revocation)",
+            description="Send SIGHUP to the stack's Mosquitto.",
+        )
+    )
+    reload.set_defaults(command="stack reload")
+
 
 def _add_terminals_commands(subparsers: _Subparsers) -> None:
     group = subparsers.add_parser(
@@ -116,7 +125,7 @@ def _add_terminals_commands(subparsers: _Subparsers) -> None:
         help="the fleet's terminals, as the fleet server knows them",
         description="Ask the fleet server's ops API about terminals.",
     )
-    actions = group.add_subparsers(dest="action", required=True, metavar="{list}")
+    actions = group.add_subparsers(dest="action", required=True, metavar="{list,revoke}")
     listing = actions.add_parser(
         "list",
         help="every terminal with its status (online/offline) and when it was last seen",
@@ -131,6 +140,7 @@ def _add_terminals_commands(subparsers: _Subparsers) -> None:
     )
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
     listing.set_defaults(command="terminals list")
+    pki_commands.add_revoke_command(actions)
 
 
 def _add_demo_commands(subparsers: _Subparsers) -> None:
@@ -168,6 +178,9 @@ def _add_demo_commands(subparsers: _Subparsers) -> None:
 _GROUPS: Final[Sequence[Callable[[_Subparsers], None]]] = (
     _add_stack_commands,
     _add_terminals_commands,
+    pki_commands.add_ca_commands,
+    pki_commands.add_token_commands,
+    pki_commands.add_audit_commands,
     _add_demo_commands,
 )
 
@@ -209,6 +222,12 @@ def _stack_down(args: argparse.Namespace, out: TextIO) -> int:
         out.write("".join(f"stopped {what}\n" for what in stopped))
     else:
         out.write(f"nothing of the stack in {workdir.resolve()} was running\n")
+    return EXIT_OK
+
+
+def _stack_reload(args: argparse.Namespace, out: TextIO) -> int:
+    stack.reload(args.workdir)
+    out.write("the broker rereads its CRL and ACL\n")
     return EXIT_OK
 
 
@@ -304,6 +323,8 @@ _COMMANDS: Final[Mapping[str, Command]] = {
     "stack up": _stack_up,
     "stack down": _stack_down,
     "stack status": _stack_status,
+    "stack reload": _stack_reload,
+    **pki_commands.COMMANDS,
 }
 
 

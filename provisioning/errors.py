@@ -2,6 +2,10 @@
 
     ProvisioningError
     ├── InvalidSettings      a setting that cannot work (the caller's fault), also a ValueError
+    ├── PkiError             a key, certificate, CSR or PKI directory that cannot be used
+    │    └── PkiExists       `ca init` would overwrite an existing CA (use --force)
+    ├── EnrolmentRefused     a token or CSR was refused; .reason is a stable code (audited)
+    ├── BrokerControlError   the broker could not be reloaded, or a session not cut off
     └── StackError           the local dev/demo/test stack could not be brought up or read
          ├── BinaryMissing   a server binary is not installed     .binary .package
          ├── PortInUse       a requested port is taken            .service .host .port .option
@@ -25,6 +29,31 @@ class ProvisioningError(Exception):
 
 class InvalidSettings(ProvisioningError, ValueError):
     """A configuration value that cannot work: a port out of range, a non-loopback host, ..."""
+
+
+class PkiError(ProvisioningError):
+    """A key, certificate, CSR or PKI directory that cannot be used as it is."""
+
+
+class PkiExists(PkiError):
+    """``fleetctl ca init`` found a CA in the directory and was not told to replace it."""
+
+
+class EnrolmentRefused(ProvisioningError):
+    """An enrolment, renewal or issue request was refused.
+
+    ``reason`` is a short stable code (``token-unknown``, ``token-used``, ``token-expired``,
+    ``identity-mismatch``, ``bad-csr``, ``bad-terminal-id``, ``revoked``, ...) that the audit log
+    and the HTTP answer carry; the message explains it to a person.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BrokerControlError(ProvisioningError):
+    """The broker could not be reloaded, or an open session could not be cut off."""
 
 
 class StackError(ProvisioningError):
