@@ -7,15 +7,23 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import aiomqtt
+
+from provisioning import pki
+from provisioning.authority import FleetAuthority, write_private
+from provisioning.stack import StackInfo
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -80,17 +88,90 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+@dataclass(frozen=True)
+class Identity:
+    """A certificate of ours for a test: ``identity_file`` holds the key, then the chain."""
+
+    name: str
+    identity_file: Path
+    ca_file: Path
+
+    def tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        context.load_cert_chain(self.identity_file)
+        return context
+
+
+def issue_identity(
+    stack: StackInfo,
+    terminal: str,
+    dest: Path,
+    *,
+    site: str = "test-site",
+    validity_s: int | None = None,
+) -> Identity:
+    """A terminal certificate from the stack's fleet CA, written like `kiosk-agent enroll`."""
+    authority = FleetAuthority.open(stack.pki_dir)
+    key = pki.new_key()
+    issued = authority.issue_direct(
+        terminal, site, key.public_key(), actor="tests", validity_s=validity_s
+    )
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity_file = dest / f"{terminal}.pem"
+    write_private(identity_file, pki.key_to_pem(key) + issued.chain_pem)
+    return Identity(terminal, identity_file, stack.pki_dir / "ca.pem")
+
+
+def service_identity(stack: StackInfo) -> Identity:
+    """The fleet server's own MQTT identity (service CA), for tests acting as the server."""
+    combined = stack.pki_dir / "fleet-server.combined.pem"
+    if not combined.exists():
+        key = (stack.pki_dir / "fleet-server.key").read_bytes()
+        write_private(combined, key + (stack.pki_dir / "fleet-server.pem").read_bytes())
+    return Identity("fleet.server", combined, stack.pki_dir / "ca.pem")
+
+
+def mqtt_client(
+    stack: StackInfo,
+    identity: Identity | None,
+    *,
+    client_id: str = "",
+    service: bool = False,
+    v5: bool = True,
+    **kwargs: Any,
+) -> aiomqtt.Client:
+    """An aiomqtt client over TLS to the stack's terminal (or service) listener."""
+    if identity is None:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=stack.pki_dir / "ca.pem"
+        )
+    else:
+        context = identity.tls_context()
+    return aiomqtt.Client(
+        stack.mqtt_host,
+        stack.mqtt_service_port if service else stack.mqtt_port,
+        identifier=client_id or (identity.name if identity else None),
+        protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        tls_context=context,
+        **kwargs,
+    )
+
+
 def write_agent_config(
     path: Path,
     *,
     terminal: str,
     site: str,
-    mqtt_port: int,
+    stack: StackInfo,
     state_dir: Path,
     keepalive_s: int = 2,
     interval_s: float = 0.5,
     batch_size: int = 2,
+    identity: Identity | None = None,
 ) -> Path:
+    """An agent config for ``terminal`` on ``stack``, with a certificate issued for it."""
+    if identity is None:
+        identity = issue_identity(stack, terminal, state_dir / "tls", site=site)
     path.write_text(
         f"""
 [terminal]
@@ -99,7 +180,7 @@ site = "{site}"
 
 [broker]
 host = "127.0.0.1"
-port = {mqtt_port}
+port = {stack.mqtt_port}
 keepalive_s = {keepalive_s}
 reconnect_min_s = 0.2
 reconnect_max_s = 2.0
@@ -108,6 +189,10 @@ reconnect_max_s = 2.0
 interval_s = {interval_s}
 batch_size = {batch_size}
 max_batch_age_s = 2.0
+
+[tls]
+ca_file = "{identity.ca_file}"
+identity_file = "{identity.identity_file}"
 
 [storage]
 state_dir = "{state_dir}"
@@ -120,7 +205,7 @@ state_dir = "{state_dir}"
 def write_server_config(
     path: Path,
     *,
-    mqtt_port: int,
+    stack: StackInfo,
     influx_url: str,
     database: str,
     registry: Path,
@@ -133,7 +218,10 @@ def write_server_config(
         f"""
 [broker]
 host = "127.0.0.1"
-port = {mqtt_port}
+port = {stack.mqtt_service_port}
+ca_file = "{stack.pki_dir / "ca.pem"}"
+cert_file = "{stack.pki_dir / "fleet-server.pem"}"
+key_file = "{stack.pki_dir / "fleet-server.key"}"
 client_id = "{client_id}"
 share_group = "{share_group}"
 keepalive_s = 5
@@ -180,3 +268,61 @@ def influx_query(url: str, database: str, query: str) -> list[dict[str, object]]
 def http_json(url: str) -> object:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)
+
+
+@dataclass
+class RunningServer:
+    """A ``fleet-server`` process of a test, with its own database and share group."""
+
+    proc: Proc
+    api: str
+    database: str
+    enrol_url: str
+
+    def stop(self) -> None:
+        code = self.proc.stop()
+        assert code == 0, f"fleet-server exited {code}:\n{self.proc.output()[-3000:]}"
+
+
+def start_server(
+    stack: StackInfo, workdir: Path, *, enrolment: bool = False, upkeep_s: float = 60.0
+) -> RunningServer:
+    """Start a fleet server on ``stack``; wait until its subscription is up."""
+    tag = uuid.uuid4().hex[:8]
+    api_port = free_port()
+    enrol_port = free_port()
+    enrol_url = f"https://127.0.0.1:{enrol_port}"
+    extra = ""
+    if enrolment:
+        extra = f"""
+[enrolment]
+pki_dir = "{stack.pki_dir}"
+host = "127.0.0.1"
+port = {enrol_port}
+public_url = "{enrol_url}"
+upkeep_s = {upkeep_s}
+"""
+    config = write_server_config(
+        workdir / f"server-{tag}.toml",
+        stack=stack,
+        influx_url=stack.influx_url,
+        database=f"t_{tag}",
+        registry=workdir / f"registry-{tag}.sqlite3",
+        api_port=api_port,
+        client_id=f"fleet-server-{tag}",
+        share_group=f"g{tag}",
+        extra=extra,
+    )
+    proc = Proc(
+        [str(BIN / "fleet-server"), "run", "--config", str(config)],
+        workdir / f"server-{tag}.log",
+    ).start()
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        eventually(lambda: server_healthy(api) or proc.popen.poll() is not None, timeout=20)  # type: ignore[union-attr]
+    except AssertionError:
+        proc.stop()
+        raise
+    assert proc.popen is not None
+    assert proc.popen.poll() is None, f"fleet-server exited:\n{proc.output()[-3000:]}"
+    return RunningServer(proc, api, f"t_{tag}", enrol_url)

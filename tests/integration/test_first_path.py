@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
 import pytest
 
 from fleet_protocol.codec import decode, encode
@@ -26,7 +25,9 @@ from tests.integration.fleet import (
     free_port,
     http_json,
     influx_query,
+    mqtt_client,
     server_healthy,
+    service_identity,
     write_agent_config,
     write_server_config,
 )
@@ -60,7 +61,7 @@ class Fleet:
             self.workdir / f"{terminal}.toml",
             terminal=terminal,
             site=site,
-            mqtt_port=self.stack.mqtt_port,
+            stack=self.stack,
             state_dir=self.workdir / "state" / terminal,
             keepalive_s=KEEPALIVE_S,
         )
@@ -102,7 +103,7 @@ def fleet(stack: StackInfo, tmp_path: Path) -> Iterator[Fleet]:
     )
     config = write_server_config(
         tmp_path / "server.toml",
-        mqtt_port=stack.mqtt_port,
+        stack=stack,
         influx_url=stack.influx_url,
         database=database,
         registry=tmp_path / "registry.sqlite3",
@@ -291,18 +292,18 @@ def test_garbage_on_telemetry_is_counted_dropped_and_does_not_stop_ingest(fleet:
 
 
 async def _publish(stack: StackInfo, topic: str, payload: bytes, *, retain: bool) -> None:
-    async with aiomqtt.Client(stack.mqtt_host, stack.mqtt_port) as client:
+    async with mqtt_client(stack, service_identity(stack), service=True) as client:
         await client.publish(topic, payload, qos=1, retain=retain)
 
 
 async def _publish_many(stack: StackInfo, topic: str, payloads: list[bytes]) -> None:
-    async with aiomqtt.Client(stack.mqtt_host, stack.mqtt_port) as client:
+    async with mqtt_client(stack, service_identity(stack), service=True) as client:
         for payload in payloads:
             await client.publish(topic, payload, qos=1)
 
 
 async def _retained(stack: StackInfo, topic: str) -> bytes:
-    async with aiomqtt.Client(stack.mqtt_host, stack.mqtt_port) as client:
+    async with mqtt_client(stack, service_identity(stack), service=True) as client:
         await client.subscribe(topic, qos=1)
         async with asyncio.timeout(5):
             async for message in client.messages:

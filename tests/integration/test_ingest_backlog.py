@@ -8,7 +8,6 @@ import asyncio
 import logging
 import uuid
 
-import aiomqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -17,6 +16,7 @@ from fleet_server import mqtt_ingest
 from fleet_server.config import BrokerSettings
 from fleet_server.mqtt_ingest import Delivery, MqttIngest
 from provisioning.stack import StackInfo
+from tests.integration.fleet import mqtt_client, service_identity
 
 pytestmark = pytest.mark.integration
 
@@ -24,23 +24,23 @@ BACKLOG = 3000
 RECEIVE_MAXIMUM = 50
 
 
-async def _subscribe_then_leave(port: int, client_id: str, group: str) -> None:
+async def _subscribe_then_leave(stack: StackInfo, client_id: str, group: str) -> None:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 300
     props.ReceiveMaximum = RECEIVE_MAXIMUM
-    async with aiomqtt.Client(
-        "127.0.0.1",
-        port,
-        identifier=client_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
+    async with mqtt_client(
+        stack,
+        service_identity(stack),
+        client_id=client_id,
+        service=True,
         clean_start=False,
         properties=props,
     ) as client:
         await client.subscribe(f"$share/{group}/kiosk/v1/+/telemetry", qos=1)
 
 
-async def _publish(port: int, terminal: str, count: int) -> None:
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+async def _publish(stack: StackInfo, terminal: str, count: int) -> None:
+    async with mqtt_client(stack, service_identity(stack), service=True) as client:
         for i in range(count):
             await client.publish(f"kiosk/v1/{terminal}/telemetry", str(i).encode(), qos=1)
 
@@ -51,8 +51,8 @@ async def test_a_backlog_is_worked_through_completely_with_a_bounded_queue(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     client_id, group, terminal = f"ingest-{tag}", f"g{tag}", f"backlog-{tag}"
-    await _subscribe_then_leave(stack.mqtt_port, client_id, group)
-    await _publish(stack.mqtt_port, terminal, BACKLOG)
+    await _subscribe_then_leave(stack, client_id, group)
+    await _publish(stack, terminal, BACKLOG)
 
     clients: list[mqtt_ingest._FlowControlledClient] = []
     make_client = MqttIngest._client
@@ -76,7 +76,10 @@ async def test_a_backlog_is_worked_through_completely_with_a_bounded_queue(
 
     ingest = MqttIngest(
         BrokerSettings(
-            port=stack.mqtt_port,
+            port=stack.mqtt_service_port,
+            ca_file=str(stack.pki_dir / "ca.pem"),
+            cert_file=str(stack.pki_dir / "fleet-server.pem"),
+            key_file=str(stack.pki_dir / "fleet-server.key"),
             client_id=client_id,
             share_group=group,
             receive_maximum=RECEIVE_MAXIMUM,

@@ -62,7 +62,7 @@ def _start_fleet(info: stack.StackInfo, tmp_path: Path) -> tuple[Proc, Proc, str
     api_port = free_port()
     config = write_server_config(
         tmp_path / "server.toml",
-        mqtt_port=info.mqtt_port,
+        stack=info,
         influx_url=info.influx_url,
         database=info.influx_database,
         registry=tmp_path / "registry.sqlite3",
@@ -79,7 +79,7 @@ def _start_fleet(info: stack.StackInfo, tmp_path: Path) -> tuple[Proc, Proc, str
         tmp_path / "agent.toml",
         terminal=TERMINAL,
         site="tinglin-dqzx",
-        mqtt_port=info.mqtt_port,
+        stack=info,
         state_dir=tmp_path / "state",
         interval_s=0.2,
         batch_size=2,

@@ -18,12 +18,12 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
-import aiomqtt
 import pytest
 
 from provisioning.cli import main
 from provisioning.errors import BinaryMissing, ServiceFailed
 from provisioning.stack import Service, StackInfo, down, status, up
+from tests.integration.fleet import mqtt_client, service_identity
 
 pytestmark = pytest.mark.integration
 
@@ -71,11 +71,11 @@ def pid_exists(pid: int) -> bool:
 
 async def exchange(info: StackInfo, topic: str, payload: bytes) -> bytes:
     """Subscribe, publish ``payload`` at QoS 1 and return what the subscription delivers."""
-    async with aiomqtt.Client(
-        info.mqtt_host,
-        info.mqtt_port,
-        identifier=f"stack-test-{uuid.uuid4().hex[:8]}",
-        protocol=aiomqtt.ProtocolVersion.V5,
+    async with mqtt_client(
+        info,
+        service_identity(info),
+        client_id=f"stack-test-{uuid.uuid4().hex[:8]}",
+        service=True,
     ) as client:
         await client.subscribe(topic, qos=1)
         await client.publish(topic, payload, qos=1)
@@ -86,12 +86,12 @@ async def exchange(info: StackInfo, topic: str, payload: bytes) -> bytes:
 
 
 async def publish_retained(info: StackInfo, topic: str, payload: bytes) -> None:
-    async with aiomqtt.Client(info.mqtt_host, info.mqtt_port) as client:
+    async with mqtt_client(info, service_identity(info), service=True) as client:
         await client.publish(topic, payload, qos=1, retain=True)
 
 
 async def read_retained(info: StackInfo, topic: str) -> bytes:
-    async with aiomqtt.Client(info.mqtt_host, info.mqtt_port) as client:
+    async with mqtt_client(info, service_identity(info), service=True) as client:
         await client.subscribe(topic, qos=1)
         async with asyncio.timeout(5):
             message = await anext(client.messages)
@@ -296,6 +296,7 @@ def test_down_never_signals_a_process_that_is_not_the_stacks(tmp_path: Path) -> 
             workdir=workdir,
             mqtt_host="127.0.0.1",
             mqtt_port=1,
+            mqtt_service_port=4,
             influx_url="http://127.0.0.1:2",
             smtp_host="127.0.0.1",
             smtp_port=3,
