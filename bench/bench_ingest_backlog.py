@@ -20,6 +20,7 @@ import asyncio
 import logging
 import multiprocessing
 import resource
+import ssl
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_server.config import BrokerSettings
 from fleet_server.mqtt_ingest import Delivery, MqttIngest
-from provisioning.stack import running_stack
+from provisioning.stack import StackInfo, running_stack
 
 TOPIC = "kiosk/v1/bench-0001/telemetry"
 PER_MESSAGE_S = 0.0002  # simulated slow store
@@ -42,37 +43,50 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _session_client(port: int, client_id: str) -> aiomqtt.Client:
+def _tls(info: StackInfo) -> ssl.SSLContext:
+    """The fleet server's identity on the broker's service listener (mutual TLS)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=info.pki_dir / "ca.pem")
+    context.load_cert_chain(info.pki_dir / "fleet-server.pem", info.pki_dir / "fleet-server.key")
+    return context
+
+
+def _session_client(info: StackInfo, client_id: str) -> aiomqtt.Client:
     """A plain aiomqtt client resuming the persistent session ``client_id``."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 600
     return aiomqtt.Client(
         "127.0.0.1",
-        port,
+        info.mqtt_service_port,
         identifier=client_id,
         protocol=aiomqtt.ProtocolVersion.V5,
         clean_start=False,
         properties=props,
+        tls_context=_tls(info),
     )
 
 
-async def _prepare(port: int, client_id: str) -> None:
+async def _prepare(info: StackInfo, client_id: str) -> None:
     # One share group per consumer: a group shared with the other (offline) consumer's
     # session would split the backlog between the two.
-    async with _session_client(port, client_id) as client:
+    async with _session_client(info, client_id) as client:
         await client.subscribe(f"$share/{client_id}/kiosk/v1/+/telemetry", qos=1)
 
 
-async def _fill(port: int, count: int, size: int) -> None:
+async def _fill(info: StackInfo, count: int, size: int) -> None:
     payload = b"x" * size
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+    async with aiomqtt.Client(
+        "127.0.0.1",
+        info.mqtt_service_port,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=_tls(info),
+    ) as client:
         for _ in range(count):
             await client.publish(TOPIC, payload, qos=1)
 
 
-async def _baseline(port: int, count: int, client_id: str) -> int:
+async def _baseline(info: StackInfo, count: int, client_id: str) -> int:
     seen = 0
-    async with _session_client(port, client_id) as client:
+    async with _session_client(info, client_id) as client:
         async with asyncio.timeout(TIME_LIMIT_S):
             async for _ in client.messages:
                 seen += 1
@@ -82,13 +96,16 @@ async def _baseline(port: int, count: int, client_id: str) -> int:
     return seen
 
 
-async def _ingest(port: int, count: int, client_id: str) -> int:
+async def _ingest(info: StackInfo, count: int, client_id: str) -> int:
     seen = 0
     stopping = asyncio.Event()
     ingest = MqttIngest(
         BrokerSettings(
             host="127.0.0.1",
-            port=port,
+            port=info.mqtt_service_port,
+            ca_file=str(info.pki_dir / "ca.pem"),
+            cert_file=str(info.pki_dir / "fleet-server.pem"),
+            key_file=str(info.pki_dir / "fleet-server.key"),
             client_id=client_id,
             receive_maximum=200,
             share_group=client_id,
@@ -113,7 +130,7 @@ async def _ingest(port: int, count: int, client_id: str) -> int:
 
 def _consume(
     kind: str,
-    port: int,
+    info: StackInfo,
     count: int,
     client_id: str,
     out: multiprocessing.Queue[tuple[int, int, float]],
@@ -121,17 +138,17 @@ def _consume(
     start_rss = _rss_kib()
     started = time.perf_counter()
     runner = _baseline if kind == "baseline" else _ingest
-    seen = asyncio.run(runner(port, count, client_id))
+    seen = asyncio.run(runner(info, count, client_id))
     out.put((seen, _rss_kib() - start_rss, time.perf_counter() - started))
 
 
-def _measure(kind: str, port: int, count: int, size: int) -> tuple[int, int, float]:
+def _measure(kind: str, info: StackInfo, count: int, size: int) -> tuple[int, int, float]:
     client_id = f"bench-{kind}"
-    asyncio.run(_prepare(port, client_id))
-    asyncio.run(_fill(port, count, size))
+    asyncio.run(_prepare(info, client_id))
+    asyncio.run(_fill(info, count, size))
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[tuple[int, int, float]] = ctx.Queue()
-    proc = ctx.Process(target=_consume, args=(kind, port, count, client_id, out))
+    proc = ctx.Process(target=_consume, args=(kind, info, count, client_id, out))
     proc.start()
     result = out.get(timeout=TIME_LIMIT_S + 30)
     proc.join(30)
@@ -149,8 +166,7 @@ def main() -> int:
             f"= {args.messages * args.size / 2**20:.1f} MiB in Mosquitto"
         )
         results = {
-            kind: _measure(kind, info.mqtt_port, args.messages, args.size)
-            for kind in ("baseline", "ingest")
+            kind: _measure(kind, info, args.messages, args.size) for kind in ("baseline", "ingest")
         }
     for kind, (seen, rss_kib, secs) in results.items():
         print(

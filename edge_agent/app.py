@@ -2,19 +2,26 @@
 
 Tasks (all named, all owned by one TaskGroup, all ended through ``stopping``):
 - ``telemetry``: one system reading per interval, batched into the backlog;
-- ``uplink``: the broker connection, publishing the backlog in order.
+- ``uplink``: the broker connection, publishing the backlog in order;
+- ``renewal`` (only with ``enrolment.renew_url``): renews the certificate when two thirds of
+  its lifetime have passed, then has the uplink reconnect with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import Final
 
 from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.config import AgentConfig
+from edge_agent.enrolment_client import renew
+from edge_agent.errors import AgentError
+from edge_agent.identity import Identity, load_identity, new_key, read_ca, store_identity
 from edge_agent.mqtt_uplink import MqttUplink
 from edge_agent.session import next_session
 from edge_agent.stopping import sleep_unless_stopped
@@ -27,6 +34,10 @@ from edge_agent.telemetry import (
 )
 from fleet_protocol.messages import Telemetry
 from fleet_protocol.topics import Channel, topic
+
+#: Longest single sleep before renewal: a kiosk's clock is often wrong after a power cut and
+#: set right later by NTP, so the time left is measured again at least this often.
+RENEWAL_RECHECK_S: Final = 3600.0
 
 
 def wall_ms() -> int:
@@ -62,6 +73,8 @@ class Agent:
             config.terminal.id,
             config.terminal.site,
             config.broker,
+            config.tls,
+            server_name=config.broker_server_name,
             backlog=self.backlog,
             next_session=self._next_session,
             now_ms=now_ms,
@@ -84,7 +97,16 @@ class Agent:
             tg.create_task(
                 self.uplink.run(uplink_stopping), name=f"uplink:{self.config.terminal.id}"
             )
+            renewal = None
+            if self.config.enrolment.renew_url:
+                renewal = tg.create_task(
+                    self._renewal(stopping), name=f"renewal:{self.config.terminal.id}"
+                )
             await stopping.wait()
+            if renewal is not None:
+                # A request in flight would hold the shutdown for its whole timeout; the
+                # identity file is replaced atomically, so stopping mid-way leaves the old one.
+                renewal.cancel()
             await telemetry
             uplink_stopping.set()
             self.backlog.wake()
@@ -108,3 +130,61 @@ class Agent:
     def _queue(self, batch: Telemetry) -> None:
         for payload in encode_batches(batch):
             self.backlog.put(Outgoing(self._telemetry_topic, payload))
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._now_ms() / 1000, dt.UTC)
+
+    async def _renewal(self, stopping: asyncio.Event) -> None:
+        retry_s = self.config.enrolment.retry_s
+        path = self.config.tls.identity_path
+        while not stopping.is_set():
+            try:
+                current = await asyncio.to_thread(load_identity, path)
+            except AgentError as exc:
+                self._log.error("certificate renewal: %s; looking again in %.0f s", exc, retry_s)
+                await sleep_unless_stopped(stopping, retry_s)
+                continue
+            wait_s = (current.renew_at - self._now()).total_seconds()
+            if wait_s > 0:
+                await sleep_unless_stopped(stopping, min(wait_s, RENEWAL_RECHECK_S))
+                continue
+            try:
+                renewed = await self._renew_once()
+            except AgentError as exc:
+                self._log.warning(
+                    "certificate renewal failed (certificate %s valid until %s): %s; "
+                    "next attempt in %.0f s",
+                    current.serial_hex,
+                    current.not_after.isoformat(timespec="seconds"),
+                    exc,
+                    retry_s,
+                )
+                await sleep_unless_stopped(stopping, retry_s)
+                continue
+            self._log.info(
+                "certificate renewed: serial %s, valid until %s",
+                renewed.serial_hex,
+                renewed.not_after.isoformat(timespec="seconds"),
+            )
+            if self.config.enrolment.reconnect_after_renew:
+                self.uplink.request_reconnect()
+            if renewed.renew_due(self._now()):
+                # A certificate already due (very short-lived, or our clock is ahead) must not
+                # turn into a loop of renewals.
+                await sleep_unless_stopped(stopping, retry_s)
+
+    async def _renew_once(self) -> Identity:
+        tls = self.config.tls
+        key = await asyncio.to_thread(new_key)
+        enrolment = await renew(
+            self.config.enrolment.renew_url, tls.ca_path, tls.identity_path, key
+        )
+        ca_pem = await asyncio.to_thread(read_ca, tls.ca_path)
+        return await asyncio.to_thread(
+            store_identity,
+            tls.identity_path,
+            key,
+            enrolment.certificate_pem,
+            ca_pem=ca_pem,
+            cn=self.config.terminal.id,
+        )

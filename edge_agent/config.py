@@ -1,16 +1,26 @@
 """The agent's configuration: one TOML file, validated once, then typed values only.
 
-Example (every section but ``terminal`` may be left out)::
+Example (``terminal`` and ``tls`` are required; every other section may be left out)::
 
     [terminal]
     id = "zhujing-dqzx-01"          # also the certificate CN and the MQTT topic level
     site = "zhujing-dqzx"
 
     [broker]
-    host = "127.0.0.1"
-    port = 1883
+    host = "fleet.example.gov.cn"
+    port = 8883                     # TLS only: the broker knows a terminal by its certificate
     keepalive_s = 30                # the broker declares us lost after 1.5 x this
     session_expiry_s = 604800       # commands queued while away are kept this long
+
+    [tls]
+    ca_file = "/var/lib/kiosk-agent/tls/ca.pem"              # the fleet CA
+    identity_file = "/var/lib/kiosk-agent/tls/identity.pem"  # key, then certificate chain; 0600
+    # server_name = "broker.fleet.internal"  # name in the broker's certificate (default: host)
+
+    [enrolment]                     # written by `kiosk-agent enroll`
+    renew_url = "https://fleet.example.gov.cn:8701/enroll/v1/renew"   # empty: never renew
+    retry_s = 600                   # after a failed renewal
+    reconnect_after_renew = true    # reconnect at once with the new certificate
 
     [telemetry]
     interval_s = 15                 # one system sample every interval
@@ -23,6 +33,8 @@ Example (every section but ``terminal`` may be left out)::
 
 from __future__ import annotations
 
+import json
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +46,10 @@ from fleet_protocol.settings import SettingsError, parse_toml
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+FilePath = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+HostName = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+
+MQTTS_PORT = 8883
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -46,8 +62,8 @@ class TerminalSettings(_Section, frozen=True, kw_only=True):
 
 
 class BrokerSettings(_Section, frozen=True, kw_only=True):
-    host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)] = "127.0.0.1"
-    port: Port = 1883
+    host: HostName = "127.0.0.1"
+    port: Port = MQTTS_PORT
     keepalive_s: Annotated[int, msgspec.Meta(ge=2, le=300)] = 30
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 7 * 86400
     reconnect_min_s: Seconds = 1.0
@@ -56,6 +72,39 @@ class BrokerSettings(_Section, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+
+
+class TlsSettings(_Section, frozen=True, kw_only=True):
+    """Mutual TLS to the broker. There is no plain-text mode: the certificate is the identity."""
+
+    ca_file: FilePath
+    #: One PEM file, private key first, then the certificate chain: renewal replaces key and
+    #: certificate together with one rename, so they can never be out of step.
+    identity_file: FilePath
+    #: The name the broker's certificate must carry, when it differs from ``broker.host``
+    #: (e.g. the kiosk reaches the broker by IP address through a VPN).
+    server_name: Annotated[str, msgspec.Meta(max_length=253)] = ""
+
+    @property
+    def ca_path(self) -> Path:
+        return Path(self.ca_file)
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.identity_file)
+
+
+class EnrolmentSettings(_Section, frozen=True, kw_only=True):
+    #: Where the certificate is renewed over mutual TLS; empty: it is never renewed.
+    renew_url: Annotated[str, msgspec.Meta(max_length=2048)] = ""
+    retry_s: Seconds = 600.0
+    reconnect_after_renew: bool = True
+
+    def __post_init__(self) -> None:
+        if self.renew_url:
+            url = urllib.parse.urlsplit(self.renew_url)
+            if url.scheme != "https" or not url.hostname:
+                raise ValueError("renew_url must be an https:// URL with a host, or empty")
 
 
 class TelemetrySettings(_Section, frozen=True, kw_only=True):
@@ -72,13 +121,20 @@ class StorageSettings(_Section, frozen=True, kw_only=True):
 
 class AgentConfig(_Section, frozen=True, kw_only=True):
     terminal: TerminalSettings
+    tls: TlsSettings
     broker: BrokerSettings = BrokerSettings()
+    enrolment: EnrolmentSettings = EnrolmentSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     storage: StorageSettings = StorageSettings()
 
     @property
     def state_dir(self) -> Path:
         return Path(self.storage.state_dir)
+
+    @property
+    def broker_server_name(self) -> str:
+        """The name the broker's certificate is checked against."""
+        return self.tls.server_name or self.broker.host
 
 
 def parse_config(data: bytes, source: str) -> AgentConfig:
@@ -95,3 +151,27 @@ def load_config(path: Path) -> AgentConfig:
     except OSError as exc:
         raise AgentConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
     return parse_config(data, str(path))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    # A JSON string with ensure_ascii off is also a valid TOML basic string (same escapes).
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def render_config(config: AgentConfig) -> str:
+    """``config`` as TOML text that :func:`parse_config` reads back to an equal record.
+
+    Every setting is written out, defaults included, so the file shows an operator what the
+    agent will do without looking up the defaults.
+    """
+    lines = ["# kiosk-agent configuration; `kiosk-agent check-config` validates it.", ""]
+    for section, fields in msgspec.structs.asdict(config).items():
+        lines.append(f"[{section}]")
+        for name, value in msgspec.structs.asdict(fields).items():
+            lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,11 +1,18 @@
 """Adapter: the agent's connection to the fleet broker (the only module that imports aiomqtt).
 
 One connection at a time, for as long as the agent runs:
+- always TLS with the terminal's client certificate (the broker knows the terminal by it). The
+  TLS context is built afresh for every connection, so a renewed identity is used at the next
+  connect; a refused certificate (revoked, expired) is a failed connection like any other:
+  logged with the broker's reason, then retried with backoff;
 - every connection takes the next session number; the birth (retained) and the last will carry
   it, so a late will of an earlier connection is recognisably stale;
 - ``clean_start=False`` with a session expiry, so what the server queued while we were away is
   delivered when we are back;
 - reconnects with capped exponential backoff and full jitter;
+- ``request_reconnect()`` ends the connection normally (a DISCONNECT, no will, no "shutdown"
+  state) and connects again at once, keeping the backlog: how a renewed certificate is put to
+  use without waiting for the next network failure;
 - on stop, the backlog is flushed (bounded in time), a retained "shutdown" state is published
   and the connection is closed with a normal DISCONNECT, so the broker does not send the will;
 - a message leaves the backlog only when the broker's PUBACK says it went somewhere. MQTT 5
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -31,7 +38,9 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.backoff import backoff_delays
-from edge_agent.config import BrokerSettings
+from edge_agent.config import BrokerSettings, TlsSettings
+from edge_agent.errors import IdentityError
+from edge_agent.identity import BrokerTlsContext, broker_context, describe_tls_failure
 from edge_agent.stopping import sleep_unless_stopped
 from fleet_protocol.codec import encode
 from fleet_protocol.ids import SiteId, TerminalId
@@ -65,6 +74,17 @@ class _PubackClient(aiomqtt.Client):
             waiter.set_result(int(reason_code.value))
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
+    ) -> None:
+        # aiomqtt ignores a connection that ends before CONNACK and waits out its whole
+        # timeout; a broker refusing our certificate ends it exactly there. Fail at once.
+        if not self._connected.done():
+            self._connected.set_exception(
+                aiomqtt.MqttError("the broker closed the connection before accepting it")
+            )
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
     async def publish_acked(self, topic: str, payload: bytes, *, retain: bool) -> int:
         """Publish at QoS 1 and return the PUBACK reason code (0 = delivered)."""
         info = self._client.publish(topic, payload, qos=1, retain=retain)
@@ -88,7 +108,9 @@ class MqttUplink:
         terminal: TerminalId,
         site: SiteId,
         broker: BrokerSettings,
+        tls: TlsSettings,
         *,
+        server_name: str | None = None,
         backlog: Backlog,
         next_session: Callable[[], Awaitable[int]],
         now_ms: Callable[[], int],
@@ -98,6 +120,8 @@ class MqttUplink:
         self._terminal = terminal
         self._site = site
         self._broker = broker
+        self._tls = tls
+        self._server_name = server_name or broker.host
         self._backlog = backlog
         self._next_session = next_session
         self._now_ms = now_ms
@@ -105,27 +129,31 @@ class MqttUplink:
         self._log = logger
         self._state_topic = topic(terminal, Channel.STATE)
         self.connected = asyncio.Event()
+        self._reconnect = asyncio.Event()
         self.session: int | None = None
         self.connects = 0
         self.refused = 0
 
+    def request_reconnect(self) -> None:
+        """End the current connection normally and connect again at once (e.g. after renewal).
+
+        Nothing queued is lost: the backlog stays, the next connection publishes it. Without a
+        connection, the next attempt uses the new identity anyway.
+        """
+        self._reconnect.set()
+        self._backlog.wake()
+
     async def run(self, stopping: asyncio.Event) -> None:
         delays = backoff_delays(self._broker.reconnect_min_s, self._broker.reconnect_max_s)
         while not stopping.is_set():
-            session = await self._next_session()
-            try:
-                await self._connected_session(session, stopping)
-            except* (aiomqtt.MqttError, _LinkLost) as group:
-                self._log.warning(
-                    "broker %s:%d: not connected (%s)",
-                    self._broker.host,
-                    self._broker.port,
-                    "; ".join(str(e) or type(e).__name__ for e in group.exceptions),
-                )
-            else:
-                return
-            finally:
-                self.connected.clear()
+            # A request made before this attempt is met by it: it uses the identity file as
+            # it is now.
+            self._reconnect.clear()
+            if await self._attempt(stopping):
+                if stopping.is_set() or not self._reconnect.is_set():
+                    return
+                self._log.info("reconnecting to use the renewed certificate")
+                continue
             if self.connects:  # after a working connection, start the backoff from the bottom
                 delays = backoff_delays(self._broker.reconnect_min_s, self._broker.reconnect_max_s)
                 self.connects = 0
@@ -133,7 +161,40 @@ class MqttUplink:
             self._log.info("reconnecting in %.1f s", delay)
             await sleep_unless_stopped(stopping, delay)
 
-    def _client(self, session: int) -> _PubackClient:
+    async def _attempt(self, stopping: asyncio.Event) -> bool:
+        """One connection, from TLS set-up to its end; False if it failed."""
+        try:
+            tls = await asyncio.to_thread(broker_context, self._tls, self._server_name)
+        except IdentityError as exc:
+            # The agent checked the identity at start; this is a file changed since. Keep
+            # trying: a fixed file (or a renewal) heals it without a restart.
+            self._log.error("cannot connect: %s", exc)
+            return False
+        session = await self._next_session()
+        ended_normally = False
+        try:
+            await self._connected_session(session, tls, stopping)
+            ended_normally = True
+        except* (aiomqtt.MqttError, _LinkLost) as group:
+            self._log_failure(tls, group.exceptions)
+        finally:
+            self.connected.clear()
+        return ended_normally
+
+    def _log_failure(self, tls: BrokerTlsContext, errors: Sequence[BaseException]) -> None:
+        where = f"{self._broker.host}:{self._broker.port}"
+        if tls.failure is not None:
+            # The MQTT library reports a TLS alert as a lost connection or a timeout; the
+            # alert itself is what tells the operator to re-enrol.
+            self._log.error("broker %s: %s", where, describe_tls_failure(tls.failure))
+            return
+        self._log.warning(
+            "broker %s: not connected (%s)",
+            where,
+            "; ".join(str(e) or type(e).__name__ for e in errors),
+        )
+
+    def _client(self, session: int, tls: BrokerTlsContext) -> _PubackClient:
         will = State(online=False, session=session, ts=self._now_ms(), reason="lost")
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._broker.session_expiry_s
@@ -147,10 +208,13 @@ class MqttUplink:
             keepalive=self._broker.keepalive_s,
             properties=props,
             timeout=max(10.0, self._broker.keepalive_s),
+            tls_context=tls,
         )
 
-    async def _connected_session(self, session: int, stopping: asyncio.Event) -> None:
-        async with self._client(session) as client:
+    async def _connected_session(
+        self, session: int, tls: BrokerTlsContext, stopping: asyncio.Event
+    ) -> None:
+        async with self._client(session, tls) as client:
             birth = State(
                 online=True,
                 session=session,
@@ -172,6 +236,11 @@ class MqttUplink:
             async with asyncio.TaskGroup() as tg:
                 watcher = tg.create_task(self._watch_link(client), name="uplink-watch")
                 await self._pump(client, stopping)
+                if self._reconnect.is_set() and not stopping.is_set():
+                    # A normal DISCONNECT (leaving the context) keeps the will unsent; the
+                    # next birth replaces this one at once.
+                    watcher.cancel()
+                    return
                 await self._flush(client)
                 final = State(online=False, session=session, ts=self._now_ms(), reason="shutdown")
                 await client.publish_acked(self._state_topic, encode(final), retain=True)
@@ -186,7 +255,7 @@ class MqttUplink:
 
     async def _pump(self, client: _PubackClient, stopping: asyncio.Event) -> None:
         retry = UNDELIVERED_RETRY_MIN_S
-        while not stopping.is_set():
+        while not (stopping.is_set() or self._reconnect.is_set()):
             item = self._backlog.peek()
             if item is None:
                 await self._backlog.changed()
@@ -197,8 +266,20 @@ class MqttUplink:
             self._log.info(
                 "no subscriber for %s yet; offering it again in %.1f s", item.topic, retry
             )
-            await sleep_unless_stopped(stopping, retry)
+            await self._pause(stopping, retry)
             retry = min(UNDELIVERED_RETRY_MAX_S, retry * 2)
+
+    async def _pause(self, stopping: asyncio.Event, seconds: float) -> None:
+        """Sleep, cut short by a stop or a reconnect request."""
+        waits = [
+            asyncio.create_task(stopping.wait(), name="uplink-pause-stop"),
+            asyncio.create_task(self._reconnect.wait(), name="uplink-pause-reconnect"),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _offer(self, client: _PubackClient, item: Outgoing) -> bool:
         """Publish the backlog's head; True if it left the backlog."""

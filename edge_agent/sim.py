@@ -3,6 +3,12 @@
 Each terminal is a real :class:`~edge_agent.app.Agent` with its own MQTT connection; only the
 machine it reads is simulated (a random walk per terminal), so the fleet server sees exactly
 what it would see from real kiosks.
+
+Each simulated kiosk connects with its own client certificate, from ``--tls-dir``::
+
+    DIR/ca.pem                  the fleet CA
+    DIR/{terminal_id}.pem       that terminal's identity: private key, then certificate chain
+                                (mode 0600, as `kiosk-agent enroll` writes it)
 """
 
 from __future__ import annotations
@@ -18,12 +24,16 @@ from pathlib import Path
 
 from edge_agent.app import Agent
 from edge_agent.config import (
+    MQTTS_PORT,
     AgentConfig,
     BrokerSettings,
     StorageSettings,
     TelemetrySettings,
     TerminalSettings,
+    TlsSettings,
 )
+from edge_agent.errors import AgentError
+from edge_agent.identity import check_identity
 from edge_agent.telemetry import SystemReading
 from fleet_protocol.errors import InvalidId
 from fleet_protocol.ids import site_id, terminal_id
@@ -82,7 +92,18 @@ def _parser() -> argparse.ArgumentParser:
         help="site id to spread the terminals over (repeat; default: one site PREFIX-site)",
     )
     p.add_argument("--broker-host", default="127.0.0.1")
-    p.add_argument("--broker-port", type=int, default=1883)
+    p.add_argument("--broker-port", type=int, default=MQTTS_PORT)
+    p.add_argument(
+        "--broker-server-name",
+        default="",
+        help="name in the broker's certificate, if not --broker-host",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        required=True,
+        help="DIR/ca.pem (fleet CA) and DIR/TERMINAL_ID.pem (key + certificate) per kiosk",
+    )
     p.add_argument("--keepalive", type=int, default=30, help="MQTT keep-alive, seconds")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--batch-size", type=int, default=2, help="samples per telemetry message")
@@ -103,6 +124,11 @@ def build_configs(args: argparse.Namespace) -> list[AgentConfig]:
                     host=args.broker_host,
                     port=args.broker_port,
                     keepalive_s=args.keepalive,
+                ),
+                tls=TlsSettings(
+                    ca_file=str(args.tls_dir / "ca.pem"),
+                    identity_file=str(args.tls_dir / f"{tid}.pem"),
+                    server_name=args.broker_server_name,
                 ),
                 telemetry=TelemetrySettings(
                     interval_s=args.interval,
@@ -134,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         configs = build_configs(args)
-    except InvalidId as exc:
+        # Every identity is checked before the first connection, so a missing or unsafe file
+        # stops the simulation with its name instead of one kiosk retrying forever.
+        for config in configs:
+            check_identity(config)
+    except (InvalidId, AgentError) as exc:
         print(f"fleet-sim: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(

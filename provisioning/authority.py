@@ -790,6 +790,25 @@ class FleetAuthority:
             )
         return self._lift_denial(issued)
 
+    def provision_identity(
+        self,
+        terminal: str,
+        site: str,
+        path: Path,
+        *,
+        actor: str,
+        validity_s: int | None = None,
+    ) -> IssuedCertificate:
+        """Factory provisioning (the demo, fleet-sim, tests): the key is made here, not on the
+        kiosk, and written with its chain to ``path`` (0600), the agent's identity file."""
+        key = pki.new_key()
+        issued = self.issue_direct(
+            terminal, site, key.public_key(), actor=actor, validity_s=validity_s
+        )
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, pki.key_to_pem(key) + issued.chain_pem)
+        return issued
+
     def _lift_denial(self, issued: IssuedCertificate) -> IssuedCertificate:
         """Rewrite the ACL when ``issued`` ends a revoked terminal's denial."""
         if "user " + issued.terminal not in self.layout.acl.read_text(encoding="utf-8"):

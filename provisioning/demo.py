@@ -22,7 +22,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, TextIO
 
+import msgspec
+
 from provisioning import stack
+from provisioning.authority import FleetAuthority, save_settings
 from provisioning.errors import DemoError
 
 
@@ -56,28 +59,31 @@ AGENTS: Final = (
     ("shihua-sqsw-24h-01", "shihua-sqsw"),
 )
 DEFAULT_API_PORT: Final = 8700
+DEFAULT_ENROL_PORT: Final = 8701
+SIM_PREFIX: Final = "jinshan-cun"
 SIM_SITES: Final = ("zhujing-daijing-cun", "fengjing-zhonghong-cun", "tinglin-yuntao-cun")
 
 
-def _api_port() -> int:
-    """The ops API's default port when it is free (so `fleetctl terminals list` needs no
-    --server), else any free port."""
-    for candidate in (DEFAULT_API_PORT, 0):
+def _port(preferred: int, *, avoid: frozenset[int] = frozenset()) -> int:
+    """``preferred`` when it is free (so the defaults of `fleetctl` work without options),
+    else any free port not in ``avoid``."""
+    for candidate in (preferred, 0, 0, 0):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", candidate))
             except OSError:
                 continue
             port: int = s.getsockname()[1]
-            return port
-    raise DemoError("no free port on 127.0.0.1 for the fleet server's ops API")
+            if port not in avoid:
+                return port
+    raise DemoError("no free port on 127.0.0.1 for the fleet server")
 
 
 def _toml_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
 
 
-def server_config(info: stack.StackInfo, workdir: Path, api_port: int) -> str:
+def server_config(info: stack.StackInfo, workdir: Path, api_port: int, enrol_port: int) -> str:
     sites = "".join(
         f"\n[[sites]]\nid = {_toml_str(s.id)}\nname = {_toml_str(s.name)}\n"
         f"town = {_toml_str(s.town)}\ndistrict = {_toml_str(DISTRICT)}\n"
@@ -86,8 +92,11 @@ def server_config(info: stack.StackInfo, workdir: Path, api_port: int) -> str:
     return f"""# written by `fleetctl demo`
 [broker]
 host = {_toml_str(info.mqtt_host)}
-port = {info.mqtt_port}
+port = {info.mqtt_service_port}
 client_id = "fleet-server-demo"
+ca_file = {_toml_str(str(info.pki_dir / "ca.pem"))}
+cert_file = {_toml_str(str(info.pki_dir / "fleet-server.pem"))}
+key_file = {_toml_str(str(info.pki_dir / "fleet-server.key"))}
 
 [influx]
 url = {_toml_str(info.influx_url)}
@@ -99,27 +108,56 @@ path = {_toml_str(str(workdir / "server" / "registry.sqlite3"))}
 [api]
 host = "127.0.0.1"
 port = {api_port}
+
+[enrolment]
+pki_dir = {_toml_str(str(info.pki_dir))}
+host = "127.0.0.1"
+port = {enrol_port}
+public_url = "https://127.0.0.1:{enrol_port}"
 {sites}"""
 
 
-def agent_config(info: stack.StackInfo, workdir: Path, terminal: str, site: str) -> str:
-    return f"""# written by `fleetctl demo`
-[terminal]
-id = {_toml_str(terminal)}
-site = {_toml_str(site)}
+def _enrol_agent(
+    bin_dir: Path,
+    authority: FleetAuthority,
+    *,
+    workdir: Path,
+    terminal: str,
+    site: str,
+    enrol_url: str,
+) -> Path:
+    """Enrol one kiosk the way a site does: a token from ops, `kiosk-agent enroll` on the kiosk."""
+    config = workdir / "agents" / f"{terminal}.toml"
+    if config.exists():
+        return config  # enrolled by an earlier run; its certificate renews itself
+    token = authority.create_token(terminal, site, actor="fleetctl:demo")
+    done = subprocess.run(
+        [
+            str(bin_dir / "kiosk-agent"), "enroll",
+            "--server", enrol_url,
+            "--terminal", terminal,
+            "--token", token.secret,
+            "--ca-fingerprint", token.ca_fingerprint,
+            "--config", str(config),
+            "--state-dir", str(workdir / "agents" / terminal),
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise DemoError(f"enrolling {terminal} failed: {done.stderr.strip()}")
+    return config
 
-[broker]
-host = {_toml_str(info.mqtt_host)}
-port = {info.mqtt_port}
-keepalive_s = 30
 
-[telemetry]
-interval_s = 5
-batch_size = 2
-
-[storage]
-state_dir = {_toml_str(str(workdir / "agents" / terminal))}
-"""
+def _provision_sim(authority: FleetAuthority, tls_dir: Path, count: int) -> None:
+    """Certificates for the simulated kiosks, made ops-side (factory provisioning)."""
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (tls_dir / "ca.pem").write_bytes(authority.ca_pem)
+    for i in range(1, count + 1):
+        terminal = f"{SIM_PREFIX}-{i:04d}"
+        path = tls_dir / f"{terminal}.pem"
+        if not path.exists():
+            site = SIM_SITES[(i - 1) % len(SIM_SITES)]
+            authority.provision_identity(terminal, site, path, actor="fleetctl:demo")
 
 
 class _Children:
@@ -204,28 +242,45 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
             stack_dir = workdir / "stack"
             info = stack.up(stack_dir, detach=True)
             try:
-                api = f"http://127.0.0.1:{_api_port()}"
+                api_port = _port(DEFAULT_API_PORT)
+                api = f"http://127.0.0.1:{api_port}"
+                enrol_port = _port(DEFAULT_ENROL_PORT, avoid=frozenset({api_port}))
+                enrol_url = f"https://127.0.0.1:{enrol_port}"
+                authority = FleetAuthority.open(info.pki_dir)
+                save_settings(
+                    info.pki_dir,
+                    msgspec.structs.replace(authority.settings, enrol_url=enrol_url),
+                )
                 cfg = workdir / "server" / "server.toml"
-                cfg.write_text(server_config(info, workdir, int(api.rsplit(":", 1)[1])), "utf-8")
+                cfg.write_text(server_config(info, workdir, api_port, enrol_port), "utf-8")
                 print("starting the fleet server ...", file=out, flush=True)
                 children.start(
                     "fleet-server", [str(bin_dir / "fleet-server"), "run", "--config", str(cfg)]
                 )
                 _wait_for_api(api, children)
+                print("enrolling the town-centre kiosks ...", file=out, flush=True)
                 for terminal, site in AGENTS:
-                    acfg = workdir / "agents" / f"{terminal}.toml"
-                    acfg.write_text(agent_config(info, workdir, terminal, site), "utf-8")
+                    acfg = _enrol_agent(
+                        bin_dir,
+                        authority,
+                        workdir=workdir,
+                        terminal=terminal,
+                        site=site,
+                        enrol_url=enrol_url,
+                    )
                     children.start(
                         f"agent-{terminal}",
                         [str(bin_dir / "kiosk-agent"), "run", "--config", str(acfg)],
                     )
                 if sim_terminals:
+                    _provision_sim(authority, workdir / "agents" / "sim-tls", sim_terminals)
                     sim_argv = [
                         str(bin_dir / "fleet-sim"),
                         "--terminals", str(sim_terminals),
-                        "--prefix", "jinshan-cun",
+                        "--prefix", SIM_PREFIX,
                         "--broker-host", info.mqtt_host,
                         "--broker-port", str(info.mqtt_port),
+                        "--tls-dir", str(workdir / "agents" / "sim-tls"),
                         "--interval", "5",
                         "--state-dir", str(workdir / "agents" / "sim"),
                     ]  # fmt: skip
@@ -255,7 +310,7 @@ def _print_running(
         f"""
 金山区自助终端运维演示 / Jinshan district kiosk fleet demo is running:
 
-  MQTT broker   mqtt://{info.mqtt_host}:{info.mqtt_port}   (Mosquitto, loopback only)
+  MQTT broker   mqtts://{info.mqtt_host}:{info.mqtt_port}   (Mosquitto, mutual TLS, loopback)
   InfluxDB      {info.influx_url}   database "{info.influx_database}"
   SMTP sink     smtp://{info.smtp_host}:{info.smtp_port}   mails saved under {info.maildir}
   fleet server  {api}   (ops API)
@@ -268,6 +323,8 @@ How to look at it (in another shell, from this directory):
   curl -sG {info.influx_url}/query --data-urlencode db={info.influx_database} \\
        --data-urlencode "q={q}"
   tail -f {workdir / "logs" / "fleet-server.log"}
+  .venv/bin/fleetctl audit --pki {info.pki_dir}
+  .venv/bin/fleetctl token create --pki {info.pki_dir} --terminal jinshan-new-01 --site zhujing-dqzx
 
 Try: kill -9 one kiosk-agent (see {workdir / "logs"}) and watch it go offline.
 Ctrl-C stops everything the demo started.

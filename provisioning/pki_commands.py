@@ -254,8 +254,8 @@ def _token_create(args: argparse.Namespace, out: TextIO) -> int:
     authority = FleetAuthority.open(args.pki)
     token = authority.create_token(args.terminal, args.site, ttl=args.ttl, actor=default_actor())
     command = (
-        f"kiosk-agent enroll --server {token.enrol_url} --token {token.secret} "
-        f"--ca-fingerprint {token.ca_fingerprint}"
+        f"kiosk-agent enroll --server {token.enrol_url} --terminal {token.terminal} "
+        f"--token {token.secret} --ca-fingerprint {token.ca_fingerprint}"
     )
     if args.json:
         out.write(
@@ -287,7 +287,12 @@ def _token_create(args: argparse.Namespace, out: TextIO) -> int:
     )
     if not args.no_qr:
         query = urllib.parse.urlencode(
-            {"server": token.enrol_url, "token": token.secret, "fp": token.ca_fingerprint}
+            {
+                "server": token.enrol_url,
+                "terminal": token.terminal,
+                "token": token.secret,
+                "fp": token.ca_fingerprint,
+            }
         )
         out.write("\n扫码注册 / scan to enrol:\n")
         segno.make(f"kiosk-enrol:?{query}", error="m").terminal(out=out, compact=True)

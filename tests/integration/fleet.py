@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from provisioning import pki
 from provisioning.authority import FleetAuthority, write_private
 from provisioning.stack import StackInfo
 
@@ -111,14 +110,10 @@ def issue_identity(
     validity_s: int | None = None,
 ) -> Identity:
     """A terminal certificate from the stack's fleet CA, written like `kiosk-agent enroll`."""
-    authority = FleetAuthority.open(stack.pki_dir)
-    key = pki.new_key()
-    issued = authority.issue_direct(
-        terminal, site, key.public_key(), actor="tests", validity_s=validity_s
-    )
-    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity_file = dest / f"{terminal}.pem"
-    write_private(identity_file, pki.key_to_pem(key) + issued.chain_pem)
+    FleetAuthority.open(stack.pki_dir).provision_identity(
+        terminal, site, identity_file, actor="tests", validity_s=validity_s
+    )
     return Identity(terminal, identity_file, stack.pki_dir / "ca.pem")
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.fleet import BIN
+from provisioning.stack import StackInfo
+from tests.integration.fleet import BIN, write_agent_config
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +68,14 @@ def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "nope.toml: cannot read config file: No such file or directory" in result.stderr
 
 
-def test_check_config_prints_what_it_understood(tmp_path: Path) -> None:
-    path = tmp_path / "agent.toml"
-    path.write_text('[terminal]\nid = "fengjing-dqzx-01"\nsite = "fengjing-dqzx"\n')
+def test_check_config_prints_what_it_understood(stack: StackInfo, tmp_path: Path) -> None:
+    path = write_agent_config(
+        tmp_path / "agent.toml",
+        terminal="fengjing-dqzx-01",
+        site="fengjing-dqzx",
+        stack=stack,
+        state_dir=tmp_path / "state",
+    )
     result = run("kiosk-agent", "check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert "terminal fengjing-dqzx-01 at site fengjing-dqzx" in result.stdout
@@ -83,7 +89,17 @@ def test_fleetctl_says_what_to_do_when_the_server_is_not_running() -> None:
 
 
 def test_fleet_sim_refuses_an_invalid_prefix() -> None:
-    result = run("fleet-sim", "--prefix", "Bad Prefix", "--state-dir", "/tmp/x", "--terminals", "1")
+    result = run(
+        "fleet-sim",
+        "--prefix",
+        "Bad Prefix",
+        "--state-dir",
+        "/tmp/x",
+        "--terminals",
+        "1",
+        "--tls-dir",
+        "/tmp/x",
+    )
     assert result.returncode == 2
     assert "'Bad Prefix-" in result.stderr
     assert "is not valid: 3-63 characters of a-z, 0-9 and '-'" in result.stderr

@@ -9,14 +9,22 @@ from edge_agent.errors import AgentConfigError
 from fleet_server.config import parse_config as parse_server
 from fleet_server.errors import ConfigError
 
-AGENT_OK = b'[terminal]\nid = "zhujing-dqzx-01"\nsite = "zhujing-dqzx"\n'
-SERVER_OK = b'[influx]\nurl = "http://127.0.0.1:8086"\n[registry]\npath = "/tmp/r.db"\n'
+AGENT_OK = (
+    b'[terminal]\nid = "zhujing-dqzx-01"\nsite = "zhujing-dqzx"\n'
+    b'[tls]\nca_file = "/var/lib/kiosk-agent/tls/ca.pem"\n'
+    b'identity_file = "/var/lib/kiosk-agent/tls/identity.pem"\n'
+)
+SERVER_OK = (
+    b'[influx]\nurl = "http://127.0.0.1:8086"\n[registry]\npath = "/tmp/r.db"\n'
+    b'[broker]\nca_file = "/p/ca.pem"\ncert_file = "/p/s.pem"\nkey_file = "/p/s.key"\n'
+)
 
 
 def test_a_minimal_agent_config_gets_sensible_defaults() -> None:
     config = parse_agent(AGENT_OK, "agent.toml")
     assert config.terminal.id == "zhujing-dqzx-01"
     assert config.broker.keepalive_s == 30
+    assert config.broker.port == 8883  # TLS only
 
 
 @pytest.mark.parametrize(
@@ -53,3 +61,9 @@ def test_server_config_refuses_a_site_listed_twice() -> None:
     site = b'[[sites]]\nid = "a-site"\nname = "A"\ntown = "T"\ndistrict = "D"\n'
     with pytest.raises(ConfigError, match="a-site"):
         parse_server(SERVER_OK + site + site, "server.toml")
+
+
+def test_server_config_without_broker_tls_files_names_the_field() -> None:
+    text = b'[influx]\nurl = "http://127.0.0.1:8086"\n[registry]\npath = "/tmp/r.db"\n[broker]\n'
+    with pytest.raises(ConfigError, match=r"server.toml: broker: .*`ca_file`"):
+        parse_server(text, "server.toml")
