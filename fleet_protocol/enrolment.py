@@ -60,7 +60,7 @@ class Enrolment(msgspec.Struct, frozen=True, omit_defaults=True):
     ca_pem: str
     broker: BrokerEndpoint
     not_after: int  # seconds since the epoch, for display; the certificate is authoritative
-    renew_url: str = ""
+    renew_url: str = ""  # the full URL of the renewal endpoint; empty: do not renew
 
 
 class Refusal(msgspec.Struct, frozen=True):

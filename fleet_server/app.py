@@ -14,6 +14,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from fleet_protocol.enrolment import RENEW_PATH
 from fleet_server.api import IngestStats, make_app, serve
 from fleet_server.batcher import PointBatcher
 from fleet_server.config import ServerConfig
@@ -87,7 +88,7 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
             if authority is not None and config.enrolment is not None:
                 e = config.enrolment
                 stop_enrolment = await serve_enrolment(
-                    make_enrolment_app(authority, e.public_url),
+                    make_enrolment_app(authority, e.public_url.rstrip("/") + RENEW_PATH),
                     e.host,
                     e.port,
                     tls_context(authority.layout.root),

@@ -110,7 +110,7 @@ def test_a_token_enrols_once_and_a_replay_is_refused(
     issued = contract.decode(contract.Enrolment, json.dumps(answer).encode())
     assert issued.terminal == name
     assert issued.broker.port == stack.mqtt_port
-    assert issued.renew_url == server.enrol_url
+    assert issued.renew_url == server.enrol_url + contract.RENEW_PATH
     leaf = pki.certs_from_pem(issued.certificate_pem.encode(), what="chain")[0]
     assert pki.common_name(leaf.subject) == name
     assert leaf.public_key() == key.public_key()
