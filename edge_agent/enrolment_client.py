@@ -15,7 +15,6 @@ enrolment must not depend on, or leak to, whatever proxy a technician's shell ha
 from __future__ import annotations
 
 import asyncio
-import re
 import urllib.parse
 from pathlib import Path
 from typing import Final
@@ -40,29 +39,25 @@ from fleet_protocol.enrolment import (
     RenewalRequest,
     decode,
     encode,
+    parse_fingerprint,
 )
 from fleet_protocol.errors import DecodeError
 
 DEFAULT_TIMEOUT_S: Final = 30.0
 #: A PEM CA certificate is about 1 KiB; anything much larger is not what we asked for.
 MAX_CA_PEM: Final = 64 * 1024
-_FINGERPRINT_HEX: Final = re.compile(r"[0-9A-F]{64}")
 _REFUSAL_STATUSES: Final = frozenset({400, 403})
 
 
 def normalise_fingerprint(text: str) -> str:
-    """A SHA-256 fingerprint as upper-case hex pairs joined by colons.
-
-    Accepts what people copy: with or without colons, any case, with an ``SHA256:`` prefix.
-    """
-    raw = text.strip().upper()
-    raw = raw.removeprefix("SHA256:").replace(":", "").replace(" ", "")
-    if _FINGERPRINT_HEX.fullmatch(raw) is None:
+    """A pinned SHA-256 fingerprint in the one form ops see (see ``parse_fingerprint``)."""
+    try:
+        return parse_fingerprint(text)
+    except ValueError as exc:
         raise EnrolmentError(
             f"CA 指纹格式不对 / {text!r} is not a SHA-256 fingerprint: 64 hex digits, colons "
             "optional, as `fleetctl token create` prints it"
-        )
-    return ":".join(raw[i : i + 2] for i in range(0, len(raw), 2))
+        ) from exc
 
 
 def _base_url(server_url: str) -> str:

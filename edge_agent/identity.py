@@ -15,7 +15,6 @@ The key never leaves this module as text except into that file: :class:`Terminal
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import re
 import socket
@@ -33,6 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from edge_agent.config import AgentConfig, TlsSettings
 from edge_agent.errors import IdentityError
+from fleet_protocol.enrolment import format_fingerprint
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -132,8 +132,7 @@ def certificate_fingerprint(pem: str | bytes) -> str:
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+    return format_fingerprint(cert.fingerprint(hashes.SHA256()))
 
 
 def _certificates(data: bytes, *, what: str) -> list[x509.Certificate]:

@@ -18,6 +18,7 @@ A refusal is HTTP 403 (400 for a request that cannot be read) with a :class:`Ref
 
 from __future__ import annotations
 
+import re
 from typing import Final, TypeVar
 
 import msgspec
@@ -33,6 +34,24 @@ CA_PATH: Final = "/enroll/v1/ca"
 MAX_REQUEST: Final = 16 * 1024
 #: Largest message either side decodes (an answer carries two certificates).
 MAX_MESSAGE: Final = 64 * 1024
+
+
+_FINGERPRINT_HEX: Final = re.compile(r"[0-9A-F]{64}")
+
+
+def format_fingerprint(sha256_digest: bytes) -> str:
+    """A SHA-256 digest as ops see it: upper-case hex pairs joined by colons (as OpenSSL)."""
+    raw = sha256_digest.hex().upper()
+    return ":".join(raw[i : i + 2] for i in range(0, len(raw), 2))
+
+
+def parse_fingerprint(text: str) -> str:
+    """Read a fingerprint as people copy it (colons optional, any case, ``SHA256:`` prefix) into
+    :func:`format_fingerprint`'s form; ``ValueError`` if it is not 64 hex digits."""
+    raw = text.strip().upper().removeprefix("SHA256:").replace(":", "").replace(" ", "")
+    if _FINGERPRINT_HEX.fullmatch(raw) is None:
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return format_fingerprint(bytes.fromhex(raw))
 
 
 class EnrolmentRequest(msgspec.Struct, frozen=True):

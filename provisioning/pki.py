@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fleet_protocol.enrolment import format_fingerprint
 from provisioning.errors import PkiError
 
 PrivateKey = ec.EllipticCurvePrivateKey
@@ -45,8 +46,6 @@ PublicKey = ec.EllipticCurvePublicKey
 #: Backdating of notBefore, so a kiosk whose clock is a few minutes behind accepts a fresh
 #: certificate.
 CLOCK_SKEW: Final = dt.timedelta(minutes=5)
-
-_FINGERPRINT_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 
 
 def new_key() -> PrivateKey:
@@ -94,21 +93,8 @@ def certs_from_pem(data: bytes, *, what: str) -> list[x509.Certificate]:
 
 
 def fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the DER certificate, upper-case hex in colon-separated pairs (as OpenSSL)."""
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def normalise_fingerprint(text: str) -> str:
-    """Accept a SHA-256 fingerprint with or without colons, any case, optional ``SHA256:``."""
-    raw = text.strip()
-    if raw.upper().startswith("SHA256:"):
-        raw = raw[len("SHA256:") :]
-    raw = raw.replace(":", "")
-    if _FINGERPRINT_HEX.fullmatch(raw) is None:
-        raise PkiError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons optional)")
-    upper = raw.upper()
-    return ":".join(upper[i : i + 2] for i in range(0, len(upper), 2))
+    """SHA-256 of the DER certificate, as ``fleetctl`` prints it and kiosks pin it."""
+    return format_fingerprint(cert.fingerprint(hashes.SHA256()))
 
 
 def key_id(public_key: PublicKey) -> str:
