@@ -39,7 +39,7 @@ class Receiver(Protocol[T_co]):
     """A protocol core's view of one answer: fed bytes until it returns the decoded result.
 
     ``feed`` returns ``None`` while it needs more bytes and raises ``ProtocolViolation`` for
-    bytes its protocol does not allow. ``leftover`` is what came after the answer.
+    bytes its protocol does not allow, including bytes past the end of the answer.
     """
 
     def feed(self, data: bytes) -> T_co | None: ...

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -99,7 +99,7 @@ class DeviceWatch(Generic[S]):
         self.latest = observation
         return observation
 
-    async def changes(self) -> AsyncIterator[Observation[S]]:
+    async def changes(self) -> AsyncGenerator[Observation[S], None]:
         """Poll forever; yield the first observation and then each one that differs."""
         previous: tuple[Assessment, S | None] | None = None
         try:
