@@ -25,7 +25,12 @@ from urllib.parse import urlsplit
 import serial
 import serial_asyncio_fast
 
-from firmware_bridge.errors import ConfigError, DeviceTimeout, DeviceUnavailable
+from firmware_bridge.errors import (
+    ConfigError,
+    DeviceTimeout,
+    DeviceUnavailable,
+    RequestRefused,
+)
 
 T_co = TypeVar("T_co", covariant=True)
 T = TypeVar("T")
@@ -150,6 +155,10 @@ class Link:
             except (OSError, serial.SerialException) as exc:
                 await self._abort()
                 raise DeviceUnavailable(f"{self.endpoint.url}: {exc}", reason="io_error") from exc
+            except RequestRefused:
+                # A whole answer was read (an exception response, an ERR line): the stream is
+                # still in step, so the link stays open.
+                raise
             except BaseException:
                 await self._abort()
                 raise

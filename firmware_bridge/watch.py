@@ -28,6 +28,7 @@ from firmware_bridge.errors import (
 from firmware_bridge.health import Assessment, Health
 
 S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
 log = logging.getLogger(__name__)
 
 
@@ -45,12 +46,12 @@ class Device(Protocol[S]):
 
 
 @dataclass(frozen=True, slots=True)
-class Observation(Generic[S]):
+class Observation(Generic[S_co]):
     """One change seen on a device. ``status`` is ``None`` when it could not be read."""
 
     device: str
     assessment: Assessment
-    status: S | None
+    status: S_co | None
     at: float
     """Monotonic time of the poll that saw it."""
 

@@ -24,6 +24,7 @@ records travel.
 from __future__ import annotations
 
 import enum
+import json
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -234,7 +235,12 @@ def _endpoint(raw: _RawPeripheral, where: str, bad: _Bad) -> Endpoint | None:
         return None
     if raw.url is None:
         raise bad("url", f"required for protocol {raw.protocol}")
-    if (raw.transport is Transport.TCP) != raw.url.startswith(("tcp://", "socket://")):
+    # A serial device may sit behind a serial-to-Ethernet converter (socket://, rfc2217://);
+    # a plain TCP service (tcp://) is not a serial line.
+    networked = raw.url.startswith(("tcp://", "socket://", "rfc2217://"))
+    if (raw.transport is Transport.TCP and not networked) or (
+        raw.transport is not Transport.TCP and raw.url.startswith("tcp://")
+    ):
         raise bad("url", f"{raw.url!r} does not fit transport {raw.transport}")
     try:
         return Endpoint(
@@ -373,3 +379,37 @@ def load_profile(name_or_path: str, overrides: Sequence[Mapping[str, object]] = 
     if overrides:
         raw = apply_overrides(raw, overrides)
     return parse_profile(raw, source)
+
+
+def read_overrides(path: Path) -> list[dict[str, object]]:
+    """Per-kiosk overrides from a TOML file of ``[[peripherals]]`` tables, each with ``id``."""
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read overrides: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    items = raw.get("peripherals", [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ConfigError(f"{path}: peripherals: must be [[peripherals]] tables")
+    for n, item in enumerate(items):
+        if not isinstance(item.get("id"), str):
+            raise ConfigError(f"{path}: peripherals[{n}].id: missing")
+    return items
+
+
+def render_overrides(overrides: Sequence[Mapping[str, object]]) -> str:
+    """Overrides as the TOML :func:`read_overrides` reads (string, number and bool values)."""
+    lines = []
+    for item in overrides:
+        lines.append("[[peripherals]]")
+        for key, value in item.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float):
+                text = repr(value)
+            else:
+                text = json.dumps(str(value), ensure_ascii=False)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)
