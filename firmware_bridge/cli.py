@@ -86,11 +86,8 @@ def _jsonable(value: object) -> object:
 
 
 async def _probe(profile: Profile) -> dict[str, Observation[Status]]:
-    devices = KioskDevices(profile)
-    try:
+    async with KioskDevices(profile) as devices:
         return await devices.poll_all()
-    finally:
-        await devices.close()
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -129,12 +126,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 async def _print_test(profile: Profile, printer: str | None, terminal: str) -> int:
-    devices = KioskDevices(profile)
-    try:
-        now = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    now = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    async with KioskDevices(profile) as devices:
         result = await devices.print_test_ticket(terminal, now, printer)
-    finally:
-        await devices.close()
     print(f"已发送 sent {result.bytes_sent} bytes; 无法打印的字符 replaced: {result.replaced}")
     if not result.confirmed:
         print(f"打印后打印机状态 after printing: {', '.join(result.assessment_after.reasons)}")
@@ -148,11 +142,8 @@ def cmd_print_test(args: argparse.Namespace) -> int:
 
 
 async def _power_cycle(profile: Profile, target: str, off_s: float | None) -> int:
-    devices = KioskDevices(profile)
-    try:
+    async with KioskDevices(profile) as devices:
         report = await devices.power_cycle(target, off_s)
-    finally:
-        await devices.close()
     for step in report.steps:
         mark = "✓" if step.ok else "✗"
         print(f"  {mark} {step.kind.value:12} +{step.started_s:6.2f} s  {step.detail}")

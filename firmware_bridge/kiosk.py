@@ -13,6 +13,8 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
 
 from firmware_bridge.errors import ConfigError
 from firmware_bridge.escpos.driver import EscPosPrinter, PrintResult
@@ -43,7 +45,6 @@ class KioskDevices:
 
     def __init__(self, profile: Profile, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.profile = profile
-        self._clock = clock
         self._printers: dict[str, EscPosPrinter] = {}
         self._boards: dict[str, RelayBoard] = {}
         self._ups: dict[str, NutUps] = {}
@@ -159,6 +160,17 @@ class KioskDevices:
             for pid, watch in self._watches.items():
                 peripheral = self.profile.peripheral(pid)
                 group.create_task(_forward(peripheral, watch, sink), name=f"watch {pid}")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
     async def close(self) -> None:
         drivers: list[Device[PrinterStatus] | Device[BoardStatus] | Device[UpsStatus]] = [

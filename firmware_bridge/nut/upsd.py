@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Final, TypedDict, TypeVar, Unpack
 
 from firmware_bridge.errors import BridgeError, ConfigError
 from firmware_bridge.link import Receiver
@@ -76,6 +76,20 @@ _REPRESENTABLE = re.compile(r"[ !#-\[\]-~]*")
 _MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with its terminating NUL
 _PROBE_INTERVAL_S = 0.05
 _PROBE_TIMEOUT_S = 1.0
+
+
+class UpsChange(TypedDict, total=False):
+    """What a test or the demo changes on a simulated UPS; left out keeps its value."""
+
+    on_battery: bool
+    low_battery: bool
+    replace_battery: bool
+    overload: bool
+    charge: float
+    runtime_s: float
+    load: float
+    input_voltage: float
+    output_voltage: float
 
 
 class UpsDaemon:
@@ -267,40 +281,28 @@ class UpsDaemon:
         if self._configured:
             self._write_state(name)
 
-    def set(
-        self,
-        *,
-        ups: str | None = None,
-        on_battery: bool | None = None,
-        low_battery: bool | None = None,
-        replace_battery: bool | None = None,
-        overload: bool | None = None,
-        charge: float | None = None,
-        runtime_s: float | None = None,
-        load: float | None = None,
-        input_voltage: float | None = None,
-        output_voltage: float | None = None,
-    ) -> None:
+    def set(self, ups: str | None = None, **change: Unpack[UpsChange]) -> None:
         """Change what the UPS reports; arguments left out keep their value."""
         name = self._ups(ups)
         flags = self._variables[name].get("ups.status", "").split()
         for flag, wanted in (
-            ("LB", low_battery),
-            ("RB", replace_battery),
-            ("OVER", overload),
+            ("LB", change.get("low_battery")),
+            ("RB", change.get("replace_battery")),
+            ("OVER", change.get("overload")),
         ):
             if wanted is not None:
                 flags = [f for f in flags if f != flag] + ([flag] if wanted else [])
+        on_battery = change.get("on_battery")
         if on_battery is not None:
             rest = [f for f in flags if f not in ("OL", "OB", "CHRG", "DISCHRG")]
             flags = (["OB", "DISCHRG"] if on_battery else ["OL"]) + rest
         changes: dict[str, str | None] = {"ups.status": " ".join(flags)}
         for variable, number in (
-            ("battery.charge", charge),
-            ("battery.runtime", runtime_s),
-            ("ups.load", load),
-            ("input.voltage", input_voltage),
-            ("output.voltage", output_voltage),
+            ("battery.charge", change.get("charge")),
+            ("battery.runtime", change.get("runtime_s")),
+            ("ups.load", change.get("load")),
+            ("input.voltage", change.get("input_voltage")),
+            ("output.voltage", change.get("output_voltage")),
         ):
             if number is not None:
                 changes[variable] = f"{number:g}"
@@ -459,31 +461,8 @@ class SimulatedUps:
     def url(self) -> str:
         return self.daemon.url
 
-    def set(
-        self,
-        *,
-        on_battery: bool | None = None,
-        low_battery: bool | None = None,
-        replace_battery: bool | None = None,
-        overload: bool | None = None,
-        charge: float | None = None,
-        runtime_s: float | None = None,
-        load: float | None = None,
-        input_voltage: float | None = None,
-        output_voltage: float | None = None,
-    ) -> None:
-        self.daemon.set(
-            ups=self.name,
-            on_battery=on_battery,
-            low_battery=low_battery,
-            replace_battery=replace_battery,
-            overload=overload,
-            charge=charge,
-            runtime_s=runtime_s,
-            load=load,
-            input_voltage=input_voltage,
-            output_voltage=output_voltage,
-        )
+    def set(self, **change: Unpack[UpsChange]) -> None:
+        self.daemon.set(self.name, **change)
 
     def set_variables(self, changes: Mapping[str, str | None]) -> None:
         self.daemon.set_variables(changes, self.name)

@@ -160,11 +160,8 @@ async def test_every_fault_of_the_kiosk_arrives_within_a_poll_and_clears(
 
 @pytest.mark.asyncio
 async def test_a_peripheral_is_power_cycled_by_its_name(kiosk: SimulatedKiosk) -> None:
-    devices = KioskDevices(kiosk.profile)
-    try:
+    async with KioskDevices(kiosk.profile) as devices:
         report = await devices.power_cycle("receipt-printer", off_s=0.3)
-    finally:
-        await devices.close()
     assert report.outcome == "done"
     assert report.channel == "receipt_printer"
     writes = kiosk.board().writes_to("receipt_printer")
@@ -188,11 +185,8 @@ async def test_a_declared_device_that_is_not_there_is_reported_absent_with_the_r
             {"id": "controller-board", "url": "socket://127.0.0.1:1", "timeout_s": 0.3},
         ],
     )
-    devices = KioskDevices(profile)
-    try:
+    async with KioskDevices(profile) as devices:
         seen = await devices.poll_all()
-    finally:
-        await devices.close()
     assert set(seen) == {"receipt-printer", "controller-board"}
     printer = seen["receipt-printer"].assessment
     board = seen["controller-board"].assessment
