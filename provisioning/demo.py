@@ -217,12 +217,16 @@ def _interruptible() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Our own loopback server: never through a proxy named in the environment.
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _wait_for_api(url: str, children: _Children, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         children.check()
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2):  # noqa: S310 - our own loopback URL
+            with _direct.open(f"{url}/healthz", timeout=2):
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(0.3)
@@ -236,9 +240,15 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
         d.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     children = _Children(logs)
+    started = time.monotonic()
+
+    def step(text: str) -> None:
+        # Each step with the seconds since the start: a slow or stuck start-up says where.
+        print(f"[{time.monotonic() - started:5.1f} s] {text}", file=out, flush=True)
+
     with _interruptible():
         try:
-            print(f"starting the local stack in {workdir / 'stack'} ...", file=out, flush=True)
+            step(f"starting the local stack in {workdir / 'stack'} ...")
             stack_dir = workdir / "stack"
             info = stack.up(stack_dir, detach=True)
             try:
@@ -253,12 +263,12 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                 )
                 cfg = workdir / "server" / "server.toml"
                 cfg.write_text(server_config(info, workdir, api_port, enrol_port), "utf-8")
-                print("starting the fleet server ...", file=out, flush=True)
+                step("starting the fleet server ...")
                 children.start(
                     "fleet-server", [str(bin_dir / "fleet-server"), "run", "--config", str(cfg)]
                 )
                 _wait_for_api(api, children)
-                print("enrolling the town-centre kiosks ...", file=out, flush=True)
+                step("enrolling the town-centre kiosks ...")
                 for terminal, site in AGENTS:
                     acfg = _enrol_agent(
                         bin_dir,
@@ -268,11 +278,13 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                         site=site,
                         enrol_url=enrol_url,
                     )
+                    step(f"  {terminal} enrolled; starting its kiosk-agent")
                     children.start(
                         f"agent-{terminal}",
                         [str(bin_dir / "kiosk-agent"), "run", "--config", str(acfg)],
                     )
                 if sim_terminals:
+                    step(f"provisioning and starting {sim_terminals} simulated kiosks ...")
                     _provision_sim(authority, workdir / "agents" / "sim-tls", sim_terminals)
                     sim_argv = [
                         str(bin_dir / "fleet-sim"),

@@ -30,6 +30,25 @@ def _alive(pid: int) -> bool:
         return stat.read().split(") ", 1)[1][0] != "Z"
 
 
+def _what_the_demo_said(log: Path, workdir: Path) -> str:
+    """The demo's own output and the end of every log it keeps: what a failure is judged by."""
+    parts = [f"--- {log.name}\n{log.read_text(errors='replace')}"]
+    for child_log in sorted((workdir / "logs").glob("*.log")):
+        tail = child_log.read_text(errors="replace").splitlines()[-20:]
+        parts.append(f"--- {child_log.name} (last 20 lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def _announced_api(demo: subprocess.Popen[bytes], log: Path, workdir: Path) -> str | None:
+    if demo.poll() is not None:
+        pytest.fail(
+            f"the demo exited with {demo.returncode} before it was up\n"
+            + _what_the_demo_said(log, workdir)
+        )
+    m = re.search(r"fleet server\s+(http://\S+)", log.read_text())
+    return m[1] if m else None
+
+
 def test_demo_runs_a_jinshan_fleet_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     log = tmp_path / "demo.out"
@@ -40,10 +59,11 @@ def test_demo_runs_a_jinshan_fleet_and_ctrl_c_stops_everything(tmp_path: Path) -
             stderr=subprocess.STDOUT,
         )
     try:
-        api = eventually(
-            lambda: (m := re.search(r"fleet server\s+(http://\S+)", log.read_text())) and m[1],
-            timeout=60,
-        )
+        try:
+            # Generous: a cold CI machine starts InfluxDB, Mosquitto and seven processes of ours.
+            api = eventually(lambda: _announced_api(demo, log, workdir), timeout=150)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_what_the_demo_said(log, workdir)}") from None
 
         def listing() -> list[dict[str, object]] | None:
             out = subprocess.run(
@@ -58,7 +78,10 @@ def test_demo_runs_a_jinshan_fleet_and_ctrl_c_stops_everything(tmp_path: Path) -
             online = [t for t in terminals if t["status"] == "online"]
             return terminals if len(online) == 8 else None  # 5 agent processes + 3 simulated
 
-        terminals = eventually(listing, timeout=60, every=1.0)
+        try:
+            terminals = eventually(listing, timeout=60, every=1.0)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_what_the_demo_said(log, workdir)}") from None
         assert {t["town"] for t in terminals} >= TOWNS
         assert any(t["site_name"] == "朱泾镇党群服务中心" for t in terminals)
         assert all(t["district"] == "金山区" for t in terminals)
