@@ -14,7 +14,7 @@ DEMO_DIR ?= .demo
 PYTEST_ARGS ?=
 
 # binary -> Debian package that provides it
-SYSTEM_DEPS := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/sbin/upsd:nut-server /lib/nut/dummy-ups:nut-server
+SYSTEM_DEPS := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/sbin/upsd:nut-server /lib/nut/dummy-ups:nut-server /usr/bin/chromium:chromium
 
 .PHONY: help system-deps venv setup check test test-unit test-component test-integration bench demo clean
 
