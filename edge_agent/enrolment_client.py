@@ -8,6 +8,9 @@ only over a connection verified against that CA, with the server's name checked.
 Renewal runs over mutual TLS with the terminal's current certificate: the server knows the
 terminal from the certificate, so no token is needed.
 
+The clock reference (:class:`HttpsClockReference`) asks the same server for its time at
+``GET /enroll/v1/time``, verifying it against the fleet CA without presenting a certificate.
+
 Every request has a timeout and ignores proxy settings from the environment: a kiosk's
 enrolment must not depend on, or leak to, whatever proxy a technician's shell had set.
 """
@@ -17,15 +20,19 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 from pathlib import Path
+from types import TracebackType
 from typing import Final
 
 import aiohttp
+import msgspec
 
+from edge_agent.clock import ClockUnavailable
 from edge_agent.errors import EnrolmentError, IdentityError
 from edge_agent.identity import (
     TerminalKey,
     certificate_fingerprint,
     csr_pem,
+    read_ca,
     renewal_credentials,
     server_context,
 )
@@ -33,6 +40,7 @@ from fleet_protocol.enrolment import (
     CA_PATH,
     ENROL_PATH,
     MAX_MESSAGE,
+    RENEW_PATH,
     Enrolment,
     EnrolmentRequest,
     Refusal,
@@ -42,8 +50,14 @@ from fleet_protocol.enrolment import (
     parse_fingerprint,
 )
 from fleet_protocol.errors import DecodeError
+from fleet_protocol.messages import Millis
 
 DEFAULT_TIMEOUT_S: Final = 30.0
+#: The fleet server's clock endpoint (served beside enrolment, see fleet_server.enrolment_api).
+TIME_PATH: Final = "/enroll/v1/time"
+CLOCK_TIMEOUT_S: Final = 10.0
+#: {"ms": 1732190400000} is 20 bytes; allow for whitespace and future fields.
+_MAX_TIME_ANSWER: Final = 4096
 #: A PEM CA certificate is about 1 KiB; anything much larger is not what we asked for.
 MAX_CA_PEM: Final = 64 * 1024
 _REFUSAL_STATUSES: Final = frozenset({400, 403})
@@ -234,3 +248,78 @@ def _check_answer(enrolment: Enrolment, pinned: str, terminal: str, what: str) -
             f"{what}: the answer names another fleet CA ({answered_ca}, expected {pinned}); "
             "not used"
         )
+
+
+class _ServerTime(msgspec.Struct, frozen=True):
+    ms: Millis
+
+
+def clock_base_url(renew_url: str) -> str:
+    """Where the clock endpoint is, from the renewal URL the server gave at enrolment.
+
+    The server builds ``renew_url`` as its public URL plus ``/enroll/v1/renew``, so taking
+    that suffix off gives the public URL back, path prefix (a reverse proxy's) included; a
+    renewal URL of another shape gives its ``scheme://host:port``.
+    """
+    url = urllib.parse.urlsplit(renew_url)
+    if url.scheme != "https" or not url.hostname:
+        raise EnrolmentError(f"{renew_url!r}: the renewal URL must be https://HOST[:PORT]/...")
+    if url.path.endswith(RENEW_PATH) and not url.query and not url.fragment:
+        return urllib.parse.urlunsplit(
+            (url.scheme, url.netloc, url.path[: -len(RENEW_PATH)], "", "")
+        )
+    return f"{url.scheme}://{url.netloc}"
+
+
+class HttpsClockReference:
+    """The fleet server's clock over HTTPS, verified against the fleet CA in ``ca_path``.
+
+    An async context manager: the connection is kept open between the back-to-back
+    measurements of one check, so only the first pays for the TLS handshake. Raises
+    :class:`~edge_agent.clock.ClockUnavailable` when the server cannot be read, and
+    :class:`IdentityError` on entering when the CA file cannot be used.
+    """
+
+    def __init__(self, base_url: str, ca_path: Path, *, timeout_s: float = CLOCK_TIMEOUT_S) -> None:
+        self.url = base_url.rstrip("/") + TIME_PATH
+        self._ca_path = ca_path
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HttpsClockReference:
+        ca_pem = await asyncio.to_thread(read_ca, self._ca_path)
+        connector = aiohttp.TCPConnector(ssl=server_context(ca_pem), limit=1)
+        self._session = _session(self._timeout_s, connector)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def server_time_ms(self) -> int:
+        if self._session is None:
+            raise RuntimeError("HttpsClockReference is used outside its 'async with'")
+        what = "对时 / reading the fleet server's clock"
+        try:
+            async with self._session.get(self.url) as response:
+                if response.status != 200:
+                    raise ClockUnavailable(f"{what}: {self.url} answered HTTP {response.status}")
+                data = await _body(response, _MAX_TIME_ANSWER)
+        except EnrolmentError as exc:  # the answer was too large
+            raise ClockUnavailable(f"{what}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ClockUnavailable(str(_unreachable(what, self.url, exc))) from exc
+        try:
+            return msgspec.json.decode(data, type=_ServerTime).ms
+        # ValidationError is a DecodeError; msgspec raises Python's own error for invalid
+        # UTF-8 inside a string.
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ClockUnavailable(
+                f"{what}: {self.url} did not answer with its time ({exc})"
+            ) from exc

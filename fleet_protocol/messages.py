@@ -29,8 +29,15 @@ Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Kind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_.-]{0,63}\Z")]
 Scalar = str | int | float | bool
 Attributes = Annotated[dict[Label, Scalar], msgspec.Meta(max_length=64)]
+#: A physical reading (volts, degrees): bounded so that it is always finite.
+Measure = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
+#: A duration in ms or s: never negative, always finite.
+Duration = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
+#: A clock difference in ms: negative when the kiosk is behind; bounded so always finite.
+OffsetMillis = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
 
 MAX_SAMPLES_PER_BATCH: Final = 1000
+MAX_INTERFACES: Final = 32
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -70,7 +77,8 @@ class State(Message, frozen=True, kw_only=True):
 
 
 class SystemSample(Message, frozen=True, kw_only=True, tag="system", tag_field="kind"):
-    """One reading of the kiosk PC itself."""
+    """One reading of the kiosk PC itself. Fields added after the first release are optional,
+    so a sample from an older agent still decodes."""
 
     seq: Seq
     ts: Millis
@@ -86,9 +94,65 @@ class SystemSample(Message, frozen=True, kw_only=True, tag="system", tag_field="
     temperatures: Annotated[dict[Label, float], msgspec.Meta(max_length=64)] = {}
     on_ac: bool | None = None
     battery_percent: Percent | None = None
+    boot_ms: Millis | None = None
+    #: Reboots the agent has seen on this machine since it first ran there.
+    reboot_count: Count | None = None
+    #: Kiosk clock minus fleet server clock; positive when the kiosk is ahead. None until
+    #: measured.
+    clock_offset_ms: OffsetMillis | None = None
 
 
-Sample = SystemSample
+InterfaceKind = Literal["ethernet", "wifi", "cellular", "other"]
+
+
+class InterfaceSample(Message, frozen=True, kw_only=True):
+    """One network interface: its kind as far as the agent can tell, link state, counters."""
+
+    name: Label
+    kind: InterfaceKind
+    up: bool
+    bytes_sent: Count
+    bytes_recv: Count
+    #: Receive plus transmit errors since boot.
+    errors: Count | None = None
+
+
+class NetworkSample(Message, frozen=True, kw_only=True, tag="network", tag_field="kind"):
+    """The kiosk's network interfaces and its link to the fleet: broker round trip, DNS."""
+
+    seq: Seq
+    ts: Millis
+    interfaces: Annotated[list[InterfaceSample], msgspec.Meta(max_length=MAX_INTERFACES)] = []
+    #: Publish-to-acknowledgement time of a message to the broker.
+    broker_rtt_ms: Duration | None = None
+    #: Whether the broker's host name resolved; None when the broker is given as an address.
+    dns_ok: bool | None = None
+    dns_ms: Duration | None = None
+
+    def __post_init__(self) -> None:
+        names = [i.name for i in self.interfaces]
+        if len(set(names)) != len(names):
+            raise ValueError("each interface appears once in a sample")
+
+
+class PowerSample(Message, frozen=True, kw_only=True, tag="power", tag_field="kind"):
+    """Where the kiosk's power comes from: mains or battery, the UPS, the controller board."""
+
+    seq: Seq
+    ts: Millis
+    on_ac: bool | None = None
+    battery_percent: Percent | None = None
+    #: The UPS's status words as NUT reports them, e.g. "OL CHRG" or "OB DISCHRG LB".
+    ups_status: ShortText | None = None
+    ups_on_battery: bool | None = None
+    ups_charge_percent: Percent | None = None
+    ups_runtime_s: Duration | None = None
+    supply_voltage: Measure | None = None
+    cabinet_door_open: bool | None = None
+    cabinet_temperature: Measure | None = None
+
+
+Sample = SystemSample | NetworkSample | PowerSample
 
 
 class Telemetry(Message, frozen=True, kw_only=True):
@@ -134,6 +198,9 @@ class Event(Message, frozen=True, kw_only=True):
     message: Text = ""
     actor: ShortText | None = None
     attributes: Attributes = {}
+    #: Replayed from the terminal's outbox after an outage: something that happened, not the
+    #: terminal's state now.
+    historical: bool = False
 
 
 # --- versions: reported and desired --------------------------------------------------------

@@ -5,6 +5,11 @@ certificate is optional on the connection and required by ``/renew`` (mutual TLS
 presented certificate must be the terminal's current one (the authority checks serial and
 status, so a revoked or renewed-away certificate cannot renew).
 
+``GET /enroll/v1/time`` answers ``{"ms": <the server's wall clock, ms since the epoch>}``
+without any authentication: agents measure their clock offset against it. It tells nothing
+that is not public, and a client certificate is not needed on that connection; the agent
+verifies the server against the fleet CA, so the time cannot be forged on the way.
+
 The authority is synchronous (SQLite, signing); every call runs in a worker thread. The
 ``pki-upkeep`` task revokes renewed-away certificates once their grace period is over, re-signs
 the CRL before it lapses, and has the broker reread CRL and ACL when either changed.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -32,6 +38,10 @@ from provisioning.errors import BrokerControlError, EnrolmentRefused, Provisioni
 
 AUTHORITY = web.AppKey("authority", FleetAuthority)
 RENEW_URL = web.AppKey("renew_url", str)
+NOW_MS: web.AppKey[Callable[[], int]] = web.AppKey("now_ms")
+
+#: The clock endpoint (beside the contract's paths; see the module docstring).
+TIME_PATH = "/enroll/v1/time"
 
 log = logging.getLogger("fleet-server.enrolment")
 
@@ -80,6 +90,16 @@ async def _ca(request: web.Request) -> web.Response:
     return web.Response(body=request.app[AUTHORITY].ca_pem, content_type="application/x-pem-file")
 
 
+async def _time(request: web.Request) -> web.Response:
+    body = msgspec.json.encode({"ms": request.app[NOW_MS]()})
+    # A cached time is a wrong time.
+    return web.Response(body=body, content_type=_JSON, headers={"Cache-Control": "no-store"})
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 async def _enrol(request: web.Request) -> web.Response:
     authority = request.app[AUTHORITY]
     try:
@@ -126,11 +146,15 @@ async def _renew(request: web.Request) -> web.Response:
     return _answer(_enrolment(request, issued))
 
 
-def make_enrolment_app(authority: FleetAuthority, renew_url: str) -> web.Application:
+def make_enrolment_app(
+    authority: FleetAuthority, renew_url: str, now_ms: Callable[[], int] = wall_ms
+) -> web.Application:
     app = web.Application(client_max_size=contract.MAX_REQUEST)
     app[AUTHORITY] = authority
     app[RENEW_URL] = renew_url
+    app[NOW_MS] = now_ms
     app.router.add_get(contract.CA_PATH, _ca)
+    app.router.add_get(TIME_PATH, _time)
     app.router.add_post(contract.ENROL_PATH, _enrol)
     app.router.add_post(contract.RENEW_PATH, _renew)
     return app

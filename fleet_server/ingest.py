@@ -15,10 +15,17 @@ from typing import Protocol
 from fleet_protocol.codec import decode
 from fleet_protocol.errors import DecodeError, TopicError
 from fleet_protocol.ids import TerminalId
-from fleet_protocol.messages import State, SystemSample, Telemetry
+from fleet_protocol.messages import (
+    NetworkSample,
+    PowerSample,
+    Sample,
+    State,
+    SystemSample,
+    Telemetry,
+)
 from fleet_protocol.topics import Channel, parse
 from fleet_server.batcher import Ack
-from fleet_server.lineproto import LineProtocolError, Point
+from fleet_server.lineproto import FieldValue, LineProtocolError, Point
 from fleet_server.mqtt_ingest import Delivery
 from fleet_server.presence import Presence
 from fleet_server.registry import Placement
@@ -43,8 +50,34 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def sample_points(sample: SystemSample, tags: dict[str, str], historical: bool) -> list[Point]:
-    fields: dict[str, float | int | bool | str] = {
+Fields = dict[str, FieldValue]
+
+
+def sample_points(sample: Sample, tags: dict[str, str], historical: bool) -> list[Point]:
+    """The points of one sample, each at the sample's own timestamp with the terminal's tags.
+
+    - system: one ``system`` point, and one ``temperature`` point per sensor (tag ``sensor``).
+    - network: one ``network`` point per interface (tags ``iface`` and ``kind``) and, when the
+      agent measured its link, one ``link`` point (broker round trip, DNS).
+    - power: one ``power`` point.
+
+    Every point carries ``seq`` and ``historical`` as fields; optional values the agent did not
+    send are left out, never stored as a default.
+    """
+    if isinstance(sample, SystemSample):
+        return _system_points(sample, tags, historical)
+    if isinstance(sample, NetworkSample):
+        return _network_points(sample, tags, historical)
+    return _power_points(sample, tags, historical)
+
+
+def _optional(fields: Fields, **values: FieldValue | None) -> Fields:
+    fields.update({key: value for key, value in values.items() if value is not None})
+    return fields
+
+
+def _system_points(sample: SystemSample, tags: dict[str, str], historical: bool) -> list[Point]:
+    fields: Fields = {
         "cpu_percent": sample.cpu_percent,
         "memory_percent": sample.memory_percent,
         "memory_available": sample.memory_available,
@@ -56,18 +89,65 @@ def sample_points(sample: SystemSample, tags: dict[str, str], historical: bool) 
         "seq": sample.seq,
         "historical": historical,
     }
-    if sample.load_1m is not None:
-        fields["load_1m"] = sample.load_1m
-    if sample.on_ac is not None:
-        fields["on_ac"] = sample.on_ac
-    if sample.battery_percent is not None:
-        fields["battery_percent"] = sample.battery_percent
+    _optional(
+        fields,
+        load_1m=sample.load_1m,
+        on_ac=sample.on_ac,
+        battery_percent=sample.battery_percent,
+        boot_ms=sample.boot_ms,
+        reboot_count=sample.reboot_count,
+        clock_offset_ms=sample.clock_offset_ms,
+    )
     points = [Point("system", tags, fields, sample.ts)]
     points.extend(
         Point("temperature", {**tags, "sensor": sensor}, {"celsius": celsius}, sample.ts)
         for sensor, celsius in sample.temperatures.items()
     )
     return points
+
+
+def _network_points(sample: NetworkSample, tags: dict[str, str], historical: bool) -> list[Point]:
+    points = [
+        Point(
+            "network",
+            {**tags, "iface": iface.name, "kind": iface.kind},
+            _optional(
+                {
+                    "up": iface.up,
+                    "bytes_sent": iface.bytes_sent,
+                    "bytes_recv": iface.bytes_recv,
+                    "seq": sample.seq,
+                    "historical": historical,
+                },
+                errors=iface.errors,
+            ),
+            sample.ts,
+        )
+        for iface in sample.interfaces
+    ]
+    link = _optional(
+        {}, broker_rtt_ms=sample.broker_rtt_ms, dns_ok=sample.dns_ok, dns_ms=sample.dns_ms
+    )
+    if link:
+        link.update(seq=sample.seq, historical=historical)
+        points.append(Point("link", tags, link, sample.ts))
+    return points
+
+
+def _power_points(sample: PowerSample, tags: dict[str, str], historical: bool) -> list[Point]:
+    fields = _optional(
+        {"seq": sample.seq, "historical": historical},
+        on_ac=sample.on_ac,
+        battery_percent=sample.battery_percent,
+        ups_status=sample.ups_status,
+        ups_on_battery=sample.ups_on_battery,
+        ups_charge_percent=sample.ups_charge_percent,
+        ups_runtime_s=sample.ups_runtime_s,
+        supply_voltage=sample.supply_voltage,
+        cabinet_door_open=sample.cabinet_door_open,
+        cabinet_temperature=sample.cabinet_temperature,
+    )
+    return [Point("power", tags, fields, sample.ts)]
 
 
 def placement_tags(terminal: TerminalId, placement: Placement) -> dict[str, str]:

@@ -7,11 +7,20 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fleet_protocol.messages import (
+    InterfaceSample,
+    NetworkSample,
+    PowerSample,
+    Sample,
+    SystemSample,
+)
 from fleet_server.errors import FleetServerError
+from fleet_server.ingest import sample_points
 from fleet_server.lineproto import (
     MAX_KEY_BYTES,
     MAX_TS_MS,
@@ -418,3 +427,113 @@ def test_any_unicode_text_is_a_string_field(value: str) -> None:
     quoted = encoded[len(b'm s="') : -len(b'" 1')]
     assert re.sub(rb"\\(.)", rb"\1", quoted, flags=re.DOTALL) == value.encode()
     assert re.search(rb'(?<!\\)"', quoted.replace(b"\\\\", b"")) is None
+
+
+# --- samples as points (fleet_server.ingest.sample_points) -----------------------------------
+
+TAGS = {"terminal": "sj-0001", "site": "zhujing-dqzx", "town": "朱泾镇", "district": "金山区"}
+TS = 1_732_190_395_000
+
+
+def _lines(sample: Sample, historical: bool = False) -> list[bytes]:
+    return [encode_point(p) for p in sample_points(sample, TAGS, historical)]
+
+
+def test_network_sample_is_one_point_per_interface_and_one_for_the_link() -> None:
+    sample = NetworkSample(
+        seq=9,
+        ts=TS,
+        interfaces=[
+            InterfaceSample(
+                name="enp3s0", kind="ethernet", up=True, bytes_sent=10, bytes_recv=20, errors=2
+            ),
+            InterfaceSample(name="wwan0", kind="cellular", up=False, bytes_sent=0, bytes_recv=5),
+        ],
+        broker_rtt_ms=38.5,
+        dns_ok=False,
+        dns_ms=5000.0,
+    )
+    tags = "district=金山区,site=zhujing-dqzx,terminal=sj-0001,town=朱泾镇"
+    assert _lines(sample) == [
+        (
+            f"network,district=金山区,iface=enp3s0,kind=ethernet,site=zhujing-dqzx,"
+            f"terminal=sj-0001,town=朱泾镇 "
+            f"up=true,bytes_sent=10i,bytes_recv=20i,seq=9i,historical=false,errors=2i {TS}"
+        ).encode(),
+        (
+            f"network,district=金山区,iface=wwan0,kind=cellular,site=zhujing-dqzx,"
+            f"terminal=sj-0001,town=朱泾镇 "
+            f"up=false,bytes_sent=0i,bytes_recv=5i,seq=9i,historical=false {TS}"
+        ).encode(),
+        (
+            f"link,{tags} broker_rtt_ms=38.5,dns_ok=false,dns_ms=5000.0,seq=9i,historical=false "
+            f"{TS}"
+        ).encode(),
+    ]
+
+
+def test_network_sample_without_link_measurements_has_no_link_point() -> None:
+    sample = NetworkSample(
+        seq=1,
+        ts=TS,
+        interfaces=[
+            InterfaceSample(name="wlan0", kind="wifi", up=True, bytes_sent=1, bytes_recv=2)
+        ],
+    )
+    points = sample_points(sample, TAGS, True)
+    assert [p.measurement for p in points] == ["network"]
+    assert points[0].fields["historical"] is True
+    assert sample_points(NetworkSample(seq=2, ts=TS), TAGS, False) == []
+
+
+def test_power_sample_is_one_point_with_what_the_kiosk_has() -> None:
+    full = PowerSample(
+        seq=5,
+        ts=TS,
+        on_ac=True,
+        battery_percent=97.0,
+        ups_status="OL CHRG",
+        ups_on_battery=False,
+        ups_charge_percent=88.5,
+        ups_runtime_s=1800.0,
+        supply_voltage=221.4,
+        cabinet_door_open=True,
+        cabinet_temperature=-3.5,
+    )
+    tags = "district=金山区,site=zhujing-dqzx,terminal=sj-0001,town=朱泾镇"
+    assert _lines(full, historical=True) == [
+        (
+            f"power,{tags} seq=5i,historical=true,on_ac=true,battery_percent=97.0,"
+            f'ups_status="OL CHRG",ups_on_battery=false,ups_charge_percent=88.5,'
+            f"ups_runtime_s=1800.0,supply_voltage=221.4,cabinet_door_open=true,"
+            f"cabinet_temperature=-3.5 {TS}"
+        ).encode()
+    ]
+    assert _lines(PowerSample(seq=6, ts=TS)) == [
+        f"power,{tags} seq=6i,historical=false {TS}".encode()
+    ]
+
+
+def test_system_sample_carries_boot_reboots_and_clock_offset_when_sent() -> None:
+    base = SystemSample(
+        seq=1,
+        ts=TS,
+        cpu_percent=1.5,
+        memory_percent=2.5,
+        memory_available=3,
+        disk_percent=4.5,
+        disk_free=5,
+        uptime_s=6.5,
+        net_bytes_sent=7,
+        net_bytes_recv=8,
+    )
+    [old] = sample_points(base, TAGS, False)
+    assert not {"boot_ms", "reboot_count", "clock_offset_ms"} & set(old.fields)
+    newer = msgspec.structs.replace(
+        base, boot_ms=TS - 3_600_000, reboot_count=2, clock_offset_ms=-1250.5
+    )
+    [point] = sample_points(newer, TAGS, False)
+    assert (point.measurement, point.ts_ms, dict(point.tags)) == ("system", TS, TAGS)
+    assert point.fields["boot_ms"] == TS - 3_600_000
+    assert point.fields["reboot_count"] == 2
+    assert point.fields["clock_offset_ms"] == -1250.5

@@ -34,7 +34,13 @@ from fleet_protocol import (
     encode,
     site_id,
 )
-from fleet_protocol.messages import MAX_SAMPLES_PER_BATCH
+from fleet_protocol.messages import (
+    MAX_INTERFACES,
+    MAX_SAMPLES_PER_BATCH,
+    InterfaceSample,
+    NetworkSample,
+    PowerSample,
+)
 
 NOW = 1_732_190_400_000  # 2024-11-21T12:00:00Z in ms
 
@@ -53,6 +59,37 @@ SAMPLE = SystemSample(
     temperatures={"cpu": 47.5, "gpu": 51.0},
     on_ac=True,
     battery_percent=100.0,
+    boot_ms=NOW - 86_400_250,
+    reboot_count=3,
+    clock_offset_ms=-1_250.5,
+)
+
+NETWORK = NetworkSample(
+    seq=43,
+    ts=NOW,
+    interfaces=[
+        InterfaceSample(
+            name="enp3s0", kind="ethernet", up=True, bytes_sent=10, bytes_recv=20, errors=0
+        ),
+        InterfaceSample(name="wwan0", kind="cellular", up=False, bytes_sent=0, bytes_recv=5),
+    ],
+    broker_rtt_ms=38.5,
+    dns_ok=True,
+    dns_ms=12.25,
+)
+
+POWER = PowerSample(
+    seq=44,
+    ts=NOW,
+    on_ac=True,
+    battery_percent=97.0,
+    ups_status="OL CHRG",
+    ups_on_battery=False,
+    ups_charge_percent=88.5,
+    ups_runtime_s=1_800.0,
+    supply_voltage=221.4,
+    cabinet_door_open=False,
+    cabinet_temperature=-3.5,
 )
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -68,7 +105,12 @@ EXAMPLES: dict[Channel, Message] = {
         agent_version="0.1.0",
     ),
     Channel.TELEMETRY: Telemetry(
-        samples=[SAMPLE, msgspec.structs.replace(SAMPLE, seq=42, ts=NOW, cpu_percent=98.0)],
+        samples=[
+            SAMPLE,
+            msgspec.structs.replace(SAMPLE, seq=42, ts=NOW, cpu_percent=98.0),
+            NETWORK,
+            POWER,
+        ],
         historical=True,
     ),
     Channel.PERIPHERALS: Peripherals(
@@ -357,6 +399,7 @@ WRONG_VALUES: dict[str, tuple[type[Message], str, object]] = {
     "event-attributes-null-value": (Event, "attributes", {"a": None}),
     "event-attributes-empty-key": (Event, "attributes", {"": 1}),
     "event-attributes-65-keys": (Event, "attributes", {f"k{i}": i for i in range(65)}),
+    "event-historical-string": (Event, "historical", "yes"),
     "reported-firmware-list": (Reported, "firmware", ["printer"]),
     "reported-config-string": (Reported, "config", "1.0.0"),
     "desired-rollout-number": (Desired, "rollout", 2),
@@ -392,7 +435,11 @@ SAMPLE_WRONG_VALUES: dict[str, tuple[str, object]] = {
     "load-negative": ("load_1m", -1.0),
     "temperature-string": ("temperatures", {"cpu": "hot"}),
     "on-ac-string": ("on_ac", "yes"),
-    "kind-unknown": ("kind", "network"),
+    "kind-unknown": ("kind", "disk"),
+    "boot-ms-negative": ("boot_ms", -1),
+    "boot-ms-float": ("boot_ms", 1.5),
+    "reboot-count-negative": ("reboot_count", -1),
+    "clock-offset-string": ("clock_offset_ms", "-1.2s"),
 }
 
 
@@ -423,9 +470,125 @@ def test_a_temperature_beyond_float_range_is_a_schema_error() -> None:
 def test_percentages_at_the_bounds_are_accepted() -> None:
     wire = _base(Telemetry)
     wire["samples"][0].update(cpu_percent=100, memory_percent=0, disk_percent=100.0)
+    first = decode(Telemetry, _payload(wire)).samples[0]
+    assert isinstance(first, SystemSample)
+    assert first.cpu_percent == 100.0
+    assert first.memory_percent == 0.0
+
+
+def test_a_sample_of_an_older_agent_without_the_newer_fields_still_decodes() -> None:
+    wire = _base(Telemetry)
+    for name in ("boot_ms", "reboot_count", "clock_offset_ms"):
+        del wire["samples"][0][name]
     decoded = decode(Telemetry, _payload(wire))
-    assert decoded.samples[0].cpu_percent == 100.0
-    assert decoded.samples[0].memory_percent == 0.0
+    first = decoded.samples[0]
+    assert isinstance(first, SystemSample)
+    assert (first.boot_ms, first.reboot_count, first.clock_offset_ms) == (None, None, None)
+
+
+def test_one_batch_carries_system_network_and_power_samples_told_apart_by_kind() -> None:
+    wire = _wire(EXAMPLES[Channel.TELEMETRY])
+    assert [s["kind"] for s in wire["samples"]] == ["system", "system", "network", "power"]
+    decoded = decode(Telemetry, encode(EXAMPLES[Channel.TELEMETRY]))
+    assert [type(s) for s in decoded.samples] == [
+        SystemSample,
+        SystemSample,
+        NetworkSample,
+        PowerSample,
+    ]
+    assert decoded.samples[2] == NETWORK
+    assert decoded.samples[3] == POWER
+
+
+def test_network_and_power_defaults_are_omitted() -> None:
+    assert _wire(Telemetry(samples=[NetworkSample(seq=1, ts=NOW)])) == {
+        "samples": [{"kind": "network", "seq": 1, "ts": NOW}]
+    }
+    assert _wire(Telemetry(samples=[PowerSample(seq=2, ts=NOW)])) == {
+        "samples": [{"kind": "power", "seq": 2, "ts": NOW}]
+    }
+
+
+# index in the example batch, field path inside the sample, bad value
+NETWORK_POWER_WRONG_VALUES: dict[str, tuple[int, tuple[str | int, ...], object]] = {
+    "iface-kind-unknown": (2, ("interfaces", 0, "kind"), "bluetooth"),
+    "iface-name-empty": (2, ("interfaces", 0, "name"), ""),
+    "iface-name-65": (2, ("interfaces", 0, "name"), "e" * 65),
+    "iface-up-string": (2, ("interfaces", 0, "up"), "up"),
+    "iface-bytes-negative": (2, ("interfaces", 0, "bytes_sent"), -1),
+    "iface-errors-negative": (2, ("interfaces", 0, "errors"), -1),
+    "iface-list-33": (
+        2,
+        ("interfaces",),
+        [
+            {"name": f"eth{i}", "kind": "ethernet", "up": True, "bytes_sent": 0, "bytes_recv": 0}
+            for i in range(MAX_INTERFACES + 1)
+        ],
+    ),
+    "iface-twice": (
+        2,
+        ("interfaces",),
+        [
+            {"name": "eth0", "kind": "ethernet", "up": True, "bytes_sent": 0, "bytes_recv": 0},
+            {"name": "eth0", "kind": "wifi", "up": False, "bytes_sent": 1, "bytes_recv": 1},
+        ],
+    ),
+    "rtt-negative": (2, ("broker_rtt_ms",), -0.5),
+    "dns-ok-string": (2, ("dns_ok",), "yes"),
+    "dns-ms-negative": (2, ("dns_ms",), -1.0),
+    "power-battery-101": (3, ("battery_percent",), 101.0),
+    "power-ups-charge-negative": (3, ("ups_charge_percent",), -1.0),
+    "power-ups-status-201": (3, ("ups_status",), "O" * 201),
+    "power-ups-status-number": (3, ("ups_status",), 1),
+    "power-runtime-negative": (3, ("ups_runtime_s",), -1.0),
+    "power-voltage-string": (3, ("supply_voltage",), "220V"),
+    "power-door-string": (3, ("cabinet_door_open",), "open"),
+    "power-seq-missing": (3, ("seq",), None),
+}
+
+
+@pytest.mark.parametrize(
+    ("index", "path", "value"),
+    NETWORK_POWER_WRONG_VALUES.values(),
+    ids=NETWORK_POWER_WRONG_VALUES.keys(),
+)
+def test_a_bad_network_or_power_value_is_a_schema_error(
+    index: int, path: tuple[str | int, ...], value: object
+) -> None:
+    wire = _base(Telemetry)
+    target: Any = wire["samples"][index]
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    _assert_decode_error(Telemetry, _payload(wire), "schema")
+
+
+@pytest.mark.parametrize(
+    ("index", "field"),
+    [(0, "clock_offset_ms"), (2, "broker_rtt_ms"), (3, "supply_voltage"), (3, "ups_runtime_s")],
+)
+def test_an_added_float_beyond_float_range_is_a_schema_error(index: int, field: str) -> None:
+    wire = _base(Telemetry)
+    wire["samples"][index][field] = 123.0
+    data = _payload(wire).replace(b"123.0", b"1e400")
+    _assert_decode_error(Telemetry, data, "schema")
+
+
+def test_a_negative_clock_offset_is_a_kiosk_behind_the_server_and_travels() -> None:
+    wire = _base(Telemetry)
+    wire["samples"][0]["clock_offset_ms"] = -90_000
+    decoded = decode(Telemetry, _payload(wire)).samples[0]
+    assert isinstance(decoded, SystemSample)
+    assert decoded.clock_offset_ms == -90_000.0
+
+
+def test_an_event_replayed_from_the_outbox_says_so_and_a_live_one_sends_nothing_extra() -> None:
+    live = Event(seq=3, ts=NOW, kind="hotplug")
+    replayed = Event(seq=3, ts=NOW, kind="hotplug", historical=True)
+    assert "historical" not in _wire(live)
+    assert _wire(replayed)["historical"] is True
+    assert decode(Event, encode(replayed)).historical is True
+    assert decode(Event, b'{"seq":3,"ts":1,"kind":"hotplug"}').historical is False
 
 
 # (type, path to the id, bad value)

@@ -44,9 +44,14 @@ from fleet_protocol import (
     terminal_id,
 )
 from fleet_protocol.messages import (
+    MAX_INTERFACES,
     CommandStatus,
+    InterfaceKind,
+    InterfaceSample,
+    NetworkSample,
     OfflineReason,
     PeripheralState,
+    PowerSample,
     Severity,
 )
 from fleet_protocol.topics import parse
@@ -107,6 +112,8 @@ seqs = st.integers(min_value=0, max_value=2**63 - 1)
 percents = st.floats(min_value=0.0, max_value=100.0)
 non_negative = st.floats(min_value=0.0, allow_infinity=False)
 finite = st.floats(allow_nan=False, allow_infinity=False)
+bounded = st.floats(min_value=-1e15, max_value=1e15)
+durations = st.floats(min_value=0.0, max_value=1e15)
 texts = st.text(max_size=60) | st.text(alphabet=CHINESE, max_size=60)
 short_texts = st.text(max_size=200)
 labels = st.text(min_size=1, max_size=64)
@@ -168,11 +175,52 @@ system_samples = st.builds(
     temperatures=st.dictionaries(labels, finite, max_size=4),
     on_ac=st.none() | st.booleans(),
     battery_percent=st.none() | percents,
+    boot_ms=st.none() | millis,
+    reboot_count=st.none() | seqs,
+    clock_offset_ms=st.none() | bounded,
+)
+
+INTERFACE_KINDS: list[InterfaceKind] = ["ethernet", "wifi", "cellular", "other"]
+interface_samples = st.builds(
+    InterfaceSample,
+    name=labels,
+    kind=st.sampled_from(INTERFACE_KINDS),
+    up=st.booleans(),
+    bytes_sent=seqs,
+    bytes_recv=seqs,
+    errors=st.none() | seqs,
+)
+
+network_samples = st.builds(
+    NetworkSample,
+    seq=seqs,
+    ts=millis,
+    interfaces=st.lists(
+        interface_samples, max_size=min(4, MAX_INTERFACES), unique_by=lambda i: i.name
+    ),
+    broker_rtt_ms=st.none() | durations,
+    dns_ok=st.none() | st.booleans(),
+    dns_ms=st.none() | durations,
+)
+
+power_samples = st.builds(
+    PowerSample,
+    seq=seqs,
+    ts=millis,
+    on_ac=st.none() | st.booleans(),
+    battery_percent=st.none() | percents,
+    ups_status=st.none() | short_texts,
+    ups_on_battery=st.none() | st.booleans(),
+    ups_charge_percent=st.none() | percents,
+    ups_runtime_s=st.none() | durations,
+    supply_voltage=st.none() | bounded,
+    cabinet_door_open=st.none() | st.booleans(),
+    cabinet_temperature=st.none() | bounded,
 )
 
 telemetry = st.builds(
     Telemetry,
-    samples=st.lists(system_samples, min_size=1, max_size=4),
+    samples=st.lists(system_samples | network_samples | power_samples, min_size=1, max_size=4),
     historical=st.booleans(),
 )
 
@@ -202,6 +250,7 @@ events = st.builds(
     message=texts,
     actor=st.none() | short_texts,
     attributes=attributes,
+    historical=st.booleans(),
 )
 
 reported = st.builds(
