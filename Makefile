@@ -14,7 +14,7 @@ DEMO_DIR ?= .demo
 PYTEST_ARGS ?=
 
 # binary -> Debian package that provides it
-SYSTEM_DEPS := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/sbin/upsd:nut-server /lib/nut/dummy-ups:nut-server /usr/bin/chromium:chromium
+SYSTEM_DEPS := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/sbin/upsd:nut-server /lib/nut/dummy-ups:nut-server /usr/bin/chromium:chromium /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei
 
 .PHONY: help system-deps venv setup check test test-unit test-component test-integration bench demo clean
 
@@ -29,7 +29,7 @@ system-deps:
 	@missing=""; \
 	for pair in $(SYSTEM_DEPS); do \
 	  bin=$${pair%%:*}; pkg=$${pair##*:}; \
-	  [ -x "$$bin" ] || missing="$$missing $$pkg"; \
+	  [ -e "$$bin" ] || missing="$$missing $$pkg"; \
 	done; \
 	$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

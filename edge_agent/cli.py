@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import getpass
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from edge_agent.app import Agent
+from edge_agent.app import Agent, KioskParts
 from edge_agent.config import (
     AgentConfig,
     BrokerSettings,
@@ -28,7 +30,13 @@ from edge_agent.config import (
     parse_config,
     render_config,
 )
-from edge_agent.enrolment_client import enroll, normalise_fingerprint
+from edge_agent.dns import DnsProbe
+from edge_agent.enrolment_client import (
+    HttpsClockReference,
+    clock_base_url,
+    enroll,
+    normalise_fingerprint,
+)
 from edge_agent.errors import AgentConfigError, AgentError
 from edge_agent.identity import (
     Identity,
@@ -39,7 +47,16 @@ from edge_agent.identity import (
     store_identity,
     write_file_atomically,
 )
+from edge_agent.logbook import RecentLog
+from edge_agent.status_page.staff import hash_passcode
+from edge_agent.status_page.web import StatusPageError, make_app, running
+from edge_agent.store import AgentStore
+from edge_agent.system_commands import SystemCommands
 from edge_agent.system_psutil import PsutilSystem
+from edge_agent.udev_pyudev import PyudevUsb
+from firmware_bridge.errors import BridgeError
+from firmware_bridge.kiosk import KioskDevices
+from firmware_bridge.profiles import Profile, load_profile, read_overrides
 from fleet_protocol.enrolment import Enrolment
 from fleet_protocol.errors import InvalidId
 from fleet_protocol.ids import TerminalId, terminal_id
@@ -73,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
             default=DEFAULT_CONFIG,
             help=f"TOML config file (default {DEFAULT_CONFIG})",
         )
+    sub.add_parser(
+        "hash-passcode",
+        help="hash a staff passcode for [[status_page.staff]] (工作人员密码)",
+        description="读入工作人员密码并输出其散列 / read a staff passcode, print its hash for "
+        "the config's [[status_page.staff]] passcode_hash.",
+    )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     enrol.add_argument("--server", required=True, metavar="URL", help="https://HOST:PORT")
     enrol.add_argument("--token", required=True, help="one-time enrolment token from ops")
@@ -122,13 +145,88 @@ def _check_config(path: Path, config: AgentConfig, identity: Identity) -> None:
     print(f"  state    {c.state_dir}")
 
 
-async def _run(config: AgentConfig) -> None:
+def _profile(config: AgentConfig) -> Profile | None:
+    """The kiosk's device profile with its overrides; None when none is configured."""
+    pcfg = config.peripherals
+    if not pcfg.profile:
+        return None
+    try:
+        overrides = read_overrides(Path(pcfg.overrides)) if pcfg.overrides else []
+        return load_profile(pcfg.profile, overrides)
+    except BridgeError as exc:
+        raise AgentConfigError(f"peripherals: {exc}") from exc
+
+
+async def _run(config: AgentConfig, recent: RecentLog) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    agent = Agent(config, PsutilSystem())
-    await agent.run(stopping)
+    log = logging.getLogger("kiosk-agent")
+    profile = _profile(config)
+    store = await asyncio.to_thread(
+        AgentStore.open, config.database_path, synchronous=config.outbox.synchronous
+    )
+    reference_url = config.clock.reference_url or (
+        clock_base_url(config.enrolment.renew_url) if config.enrolment.renew_url else ""
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(store.close)
+        devices = None
+        if profile is not None:
+            devices = await stack.enter_async_context(KioskDevices(profile))
+        usb = None
+        if profile is not None and config.peripherals.usb == "udev":
+            usb = PyudevUsb()
+            stack.callback(usb.close)
+        clock = None
+        if reference_url:
+            clock = await stack.enter_async_context(
+                HttpsClockReference(reference_url, config.tls.ca_path)
+            )
+        parts = KioskParts(
+            machine=PsutilSystem(),
+            store=store,
+            machine_commands=SystemCommands(config.system_commands),
+            profile=profile,
+            devices=devices,
+            usb=usb,
+            clock_reference=clock,
+            dns=DnsProbe(config.broker.host, config.broker.port),
+            recent_log=recent.tail,
+        )
+        agent = await asyncio.to_thread(Agent, config, parts)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(agent.run(stopping), name="agent")
+            tg.create_task(_status_page(config, agent, stopping, log), name="status-page")
+
+
+async def _status_page(
+    config: AgentConfig, agent: Agent, stopping: asyncio.Event, log: logging.Logger
+) -> None:
+    settings = config.status_page
+    app = make_app(settings, agent, agent.operations, log.getChild("status-page"))
+    try:
+        async with running(app, settings) as listening:
+            log.info("status page at %s", ", ".join(listening.urls))
+            await stopping.wait()
+    except StatusPageError as exc:
+        # The agent keeps reporting without its page; the log says why there is none.
+        log.error("no status page: %s", exc)  # noqa: TRY400 - the reason is the message
+
+
+def _hash_passcode() -> int:
+    first = getpass.getpass("工作人员密码 / staff passcode (8+ characters): ")
+    again = getpass.getpass("再输入一次 / again: ")
+    if first != again:
+        print("kiosk-agent: error: the two passcodes differ; nothing written", file=sys.stderr)
+        return 2
+    try:
+        print(hash_passcode(first))
+    except ValueError as exc:
+        print(f"kiosk-agent: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 # -- enroll ---------------------------------------------------------------------------------
@@ -288,6 +386,8 @@ def _enrol(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "hash-passcode":
+            return _hash_passcode()
         if args.command == "enroll":
             return _enrol(args)
         config = load_config(args.config)
@@ -298,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        # The newest lines stay in memory for diagnostics and the upload-logs command.
+        recent = RecentLog()
+        recent.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(recent)
         log = logging.getLogger("kiosk-agent")
         log.info(
             "identity %s: serial %s, valid until %s",
@@ -313,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(kiosk-agent enroll --force)",
                 identity.not_after.isoformat(timespec="seconds"),
             )
-        asyncio.run(_run(config))
+        asyncio.run(_run(config, recent))
     except AgentError as exc:
         print(f"kiosk-agent: error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,32 @@ Example (``terminal`` and ``tls`` are required; every other section may be left 
 
     [storage]
     state_dir = "/var/lib/kiosk-agent"
+
+    [outbox]                        # everything sent waits here, on disk, until acknowledged
+    max_mb = 64                     # when full: oldest telemetry first, staff actions last
+    max_age_days = 7
+    replay_rate = 50                # backlog messages a second after the link returns
+
+    [peripherals]
+    profile = "comprehensive"       # or "zone24", or a profile file
+    overrides = "/etc/kiosk-agent/peripherals.toml"
+    debounce_s = 3
+
+    [clock]
+    max_offset_s = 30               # a clock further off than this is reported as a fault
+
+    [status_page]                   # for village staff, on the kiosk's screen and the site LAN
+    listen = ["127.0.0.1", "192.168.1.20"]     # never 0.0.0.0
+    port = 8080
+    server_names = ["kiosk-01.local"]          # extra names the page may be reached by
+
+    [[status_page.staff]]           # `kiosk-agent hash-passcode` makes the hash
+    name = "王芳"
+    passcode_hash = "scrypt$16384$8$1$..."
+
+    [system_commands]               # argv lists, run without a shell
+    reboot = ["systemctl", "reboot"]
+    restart_app = ["systemctl", "restart", "kiosk-app.service"]
 """
 
 from __future__ import annotations
@@ -36,11 +62,13 @@ from __future__ import annotations
 import json
 import urllib.parse
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from edge_agent.errors import AgentConfigError
+from edge_agent.status_page.staff import StatusPageSettings
+from edge_agent.system_commands import SystemCommandSettings
 from fleet_protocol.ids import SiteIdField, TerminalIdField
 from fleet_protocol.settings import SettingsError, parse_toml
 
@@ -111,8 +139,38 @@ class TelemetrySettings(_Section, frozen=True, kw_only=True):
     interval_s: Seconds = 15.0
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
     max_batch_age_s: Seconds = 60.0
-    #: In-memory backlog bound while the broker is unreachable; oldest batches go first.
-    max_backlog_batches: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+
+
+class OutboxSettings(_Section, frozen=True, kw_only=True):
+    """The on-disk outbox (see edge_agent/outbox.py for what is given up first when full)."""
+
+    #: The agent's database; empty: ``agent.db`` in the state directory.
+    path: str = ""
+    max_mb: Annotated[float, msgspec.Meta(gt=0, le=4096)] = 64.0
+    max_age_days: Annotated[float, msgspec.Meta(gt=0, le=365)] = 7.0
+    #: Backlog messages a second after the link returns; live messages are not paced.
+    replay_rate: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 50.0
+    #: "normal": survives the agent being killed; "full": also the last second of a power cut.
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class PeripheralSettings(_Section, frozen=True, kw_only=True):
+    #: A built-in profile (``comprehensive``, ``zone24``) or a profile file; empty: none.
+    profile: str = ""
+    #: This kiosk's overrides of the profile (ports, absent devices); see `kiosk-bridge`.
+    overrides: str = ""
+    #: A changed state must hold this long before it is reported (a loose cable flaps).
+    debounce_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 3.0
+    #: USB hotplug through udev, or off (then USB-only peripherals are not watched).
+    usb: Literal["udev", "off"] = "udev"
+
+
+class ClockSettings(_Section, frozen=True, kw_only=True):
+    #: A kiosk clock further off than this from the fleet server's is reported as a fault.
+    max_offset_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+    check_interval_s: Annotated[float, msgspec.Meta(ge=10, le=86400)] = 600.0
+    #: The fleet server's time endpoint; empty: derived from ``enrolment.renew_url``.
+    reference_url: Annotated[str, msgspec.Meta(max_length=2048)] = ""
 
 
 class StorageSettings(_Section, frozen=True, kw_only=True):
@@ -126,10 +184,21 @@ class AgentConfig(_Section, frozen=True, kw_only=True):
     enrolment: EnrolmentSettings = EnrolmentSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     storage: StorageSettings = StorageSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    peripherals: PeripheralSettings = PeripheralSettings()
+    clock: ClockSettings = ClockSettings()
+    #: What "reboot" and "restart the kiosk application" run (never a shell).
+    system_commands: SystemCommandSettings = SystemCommandSettings()
+    #: The local page for village staff (listens on 127.0.0.1 and the configured LAN only).
+    status_page: StatusPageSettings = StatusPageSettings()
 
     @property
     def state_dir(self) -> Path:
         return Path(self.storage.state_dir)
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.outbox.path) if self.outbox.path else self.state_dir / "agent.db"
 
     @property
     def broker_server_name(self) -> str:
@@ -158,6 +227,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     # A JSON string with ensure_ascii off is also a valid TOML basic string (same escapes).
     return json.dumps(str(value), ensure_ascii=False)
 
@@ -171,7 +242,15 @@ def render_config(config: AgentConfig) -> str:
     lines = ["# kiosk-agent configuration; `kiosk-agent check-config` validates it.", ""]
     for section, fields in msgspec.structs.asdict(config).items():
         lines.append(f"[{section}]")
+        tables: list[tuple[str, msgspec.Struct]] = []
         for name, value in msgspec.structs.asdict(fields).items():
+            if isinstance(value, list | tuple) and value and isinstance(value[0], msgspec.Struct):
+                tables += [(name, v) for v in value]  # arrays of tables go after the keys
+                continue
             lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
+        for name, table in tables:
+            lines.append(f"[[{section}.{name}]]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in msgspec.structs.asdict(table).items()]
+            lines.append("")
     return "\n".join(lines)

@@ -7,28 +7,39 @@ One connection at a time, for as long as the agent runs:
   logged with the broker's reason, then retried with backoff;
 - every connection takes the next session number; the birth (retained) and the last will carry
   it, so a late will of an earlier connection is recognisably stale;
-- ``clean_start=False`` with a session expiry, so what the server queued while we were away is
-  delivered when we are back;
+- ``clean_start=False`` with a session expiry and a QoS 1 subscription to this terminal's
+  ``cmd/+``, so commands the server sent while we were away are delivered when we are back;
+  they are handed on undecoded (``on_command``): the command runner judges them;
 - reconnects with capped exponential backoff and full jitter;
 - ``request_reconnect()`` ends the connection normally (a DISCONNECT, no will, no "shutdown"
-  state) and connects again at once, keeping the backlog: how a renewed certificate is put to
+  state) and connects again at once, keeping the outbox: how a renewed certificate is put to
   use without waiting for the next network failure;
-- on stop, the backlog is flushed (bounded in time), a retained "shutdown" state is published
-  and the connection is closed with a normal DISCONNECT, so the broker does not send the will;
-- a message leaves the backlog only when the broker's PUBACK says it went somewhere. MQTT 5
-  brokers answer "No matching subscribers" (0x10) when nobody subscribes; Mosquitto 2.0 does
-  not restore shared subscriptions from its persistence file, so right after a broker restart,
-  until the fleet server has subscribed again, telemetry would otherwise be acknowledged and
-  dropped. Such a message stays at the head of the backlog and is offered again a little
-  later. A refusal (reason >= 0x80, e.g. not authorised) is logged and dropped: retrying it
-  would block everything behind it.
+- everything else it publishes comes from the on-disk outbox (:mod:`edge_agent.store`), oldest
+  first. What was waiting when the connection came up is the backlog: paced to
+  ``replay_rate`` messages a second and marked historical. A message leaves the outbox only when
+  the broker's PUBACK says it went somewhere. MQTT 5 brokers answer "No matching subscribers"
+  (0x10) when nobody subscribes; Mosquitto 2.0 does not restore shared subscriptions from its
+  persistence file, so right after a broker restart, until the fleet server has subscribed
+  again, telemetry would otherwise be acknowledged and dropped. Such a message stays at the head
+  of the outbox and is offered again a little later. A refusal (reason >= 0x80, e.g. not
+  authorised) is logged and dropped: retrying it would block everything behind it;
+- ``announce_planned()`` publishes the retained state "planned" with the expected return time
+  before a reboot someone asked for; the state at stop is then "planned" as well;
+- on stop, the outbox is flushed (bounded in time; the rest stays on disk), a retained
+  "shutdown" (or "planned") state is published and the connection is closed with a normal
+  DISCONNECT, so the broker does not send the will;
+- ``cut_link()`` drops the connection without DISCONNECT, for fault injection in ``fleet-sim``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
@@ -36,16 +47,18 @@ from paho.mqtt.client import MQTT_ERR_SUCCESS
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.backlog import Backlog, Outgoing
 from edge_agent.backoff import backoff_delays
 from edge_agent.config import BrokerSettings, TlsSettings
 from edge_agent.errors import IdentityError
 from edge_agent.identity import BrokerTlsContext, broker_context, describe_tls_failure
+from edge_agent.outbox import ReplayPace, Stored, as_historical
 from edge_agent.stopping import sleep_unless_stopped
+from edge_agent.store import Outbox
 from fleet_protocol.codec import encode
+from fleet_protocol.errors import TopicError
 from fleet_protocol.ids import SiteId, TerminalId
 from fleet_protocol.messages import State
-from fleet_protocol.topics import Channel, topic
+from fleet_protocol.topics import Channel, parse, topic
 
 FLUSH_ON_STOP_S = 5.0
 NO_MATCHING_SUBSCRIBERS = 0x10
@@ -53,6 +66,18 @@ FIRST_FAILURE = 0x80
 #: How long an undeliverable message waits before it is offered again (doubling up to max).
 UNDELIVERED_RETRY_MIN_S = 0.5
 UNDELIVERED_RETRY_MAX_S = 15.0
+#: Messages read from the outbox at a time.
+OUTBOX_BATCH = 64
+REPLAY_BURST = 20
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCommand:
+    """A message on one of this terminal's ``cmd/{name}`` topics, not yet decoded."""
+
+    name: str
+    payload: bytes
+    correlation: bytes | None
 
 
 class _LinkLost(Exception):
@@ -85,9 +110,15 @@ class _PubackClient(aiomqtt.Client):
             )
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
-    async def publish_acked(self, topic: str, payload: bytes, *, retain: bool) -> int:
+    async def publish_acked(
+        self, topic: str, payload: bytes, *, retain: bool, correlation: bytes | None = None
+    ) -> int:
         """Publish at QoS 1 and return the PUBACK reason code (0 = delivered)."""
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        props = None
+        if correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = correlation
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc != MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
         # PUBACK is read on this event loop, so it cannot arrive before the waiter exists.
@@ -101,6 +132,16 @@ class _PubackClient(aiomqtt.Client):
         finally:
             self._waiting.pop(info.mid, None)
 
+    def cut(self) -> None:
+        """Drop the TCP connection without a DISCONNECT, as a power cut or a dead link does.
+
+        The broker sees the connection end without DISCONNECT and publishes the last will.
+        """
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):  # already gone
+                sock.shutdown(socket.SHUT_RDWR)
+
 
 class MqttUplink:
     def __init__(
@@ -111,40 +152,85 @@ class MqttUplink:
         tls: TlsSettings,
         *,
         server_name: str | None = None,
-        backlog: Backlog,
+        outbox: Outbox,
         next_session: Callable[[], Awaitable[int]],
         now_ms: Callable[[], int],
         agent_version: str,
         logger: logging.Logger,
+        on_command: Callable[[IncomingCommand], None] | None = None,
+        replay_rate: float = 50.0,
     ) -> None:
         self._terminal = terminal
         self._site = site
         self._broker = broker
         self._tls = tls
         self._server_name = server_name or broker.host
-        self._backlog = backlog
+        self._outbox = outbox
         self._next_session = next_session
         self._now_ms = now_ms
         self._agent_version = agent_version
         self._log = logger
+        self._on_command = on_command
+        self._replay_rate = replay_rate
         self._state_topic = topic(terminal, Channel.STATE)
+        self._cmd_filter = f"{topic(terminal, Channel.CMD_RESULT)[: -len('cmd-result')]}cmd/+"
         self.connected = asyncio.Event()
         self._reconnect = asyncio.Event()
+        self._client_now: _PubackClient | None = None
+        self._planned_back_ms: int | None = None
         self.session: int | None = None
         self.connects = 0
         self.refused = 0
+        #: Wall-clock ms since when connected (or disconnected); None before the first attempt.
+        self.since_ms: int | None = None
+        #: Publish-to-PUBACK time of the last message, ms.
+        self.rtt_ms: float | None = None
+        self.replayed = 0
 
     def request_reconnect(self) -> None:
         """End the current connection normally and connect again at once (e.g. after renewal).
 
-        Nothing queued is lost: the backlog stays, the next connection publishes it. Without a
+        Nothing queued is lost: the outbox stays, the next connection publishes it. Without a
         connection, the next attempt uses the new identity anyway.
         """
         self._reconnect.set()
-        self._backlog.wake()
+        self._outbox.wake()
+
+    def cut_link(self) -> None:
+        """Drop the connection the way a failing network does (no DISCONNECT; the broker sends
+        the will). The uplink reconnects as after any loss. For fault injection."""
+        if self._client_now is not None:
+            self._client_now.cut()
+
+    async def announce_planned(self, expected_back_ms: int) -> bool:
+        """Publish the retained state "planned" before a reboot or restart; True if it reached
+        the broker. The final state at stop is then "planned" too, not "shutdown", so the
+        server raises no offline alert for a reboot someone asked for."""
+        self._planned_back_ms = expected_back_ms
+        client, session = self._client_now, self.session
+        if client is None or session is None:
+            return False
+        try:
+            await client.publish_acked(
+                self._state_topic, encode(self._planned_state(session)), retain=True
+            )
+        except aiomqtt.MqttError as exc:
+            self._log.warning("could not announce the planned restart: %s", exc)
+            return False
+        return True
+
+    def _planned_state(self, session: int) -> State:
+        return State(
+            online=False,
+            session=session,
+            ts=self._now_ms(),
+            reason="planned",
+            expected_back=self._planned_back_ms,
+        )
 
     async def run(self, stopping: asyncio.Event) -> None:
         delays = backoff_delays(self._broker.reconnect_min_s, self._broker.reconnect_max_s)
+        self.since_ms = self._now_ms()
         while not stopping.is_set():
             # A request made before this attempt is met by it: it uses the identity file as
             # it is now.
@@ -178,7 +264,10 @@ class MqttUplink:
         except* (aiomqtt.MqttError, _LinkLost) as group:
             self._log_failure(tls, group.exceptions)
         finally:
+            if self.connected.is_set():
+                self.since_ms = self._now_ms()
             self.connected.clear()
+            self._client_now = None
         return ended_normally
 
     def _log_failure(self, tls: BrokerTlsContext, errors: Sequence[BaseException]) -> None:
@@ -215,6 +304,11 @@ class MqttUplink:
         self, session: int, tls: BrokerTlsContext, stopping: asyncio.Event
     ) -> None:
         async with self._client(session, tls) as client:
+            self._client_now = client
+            # With clean_start=False the broker keeps this subscription for the session's
+            # expiry, and queues commands for us meanwhile; subscribing again is harmless and
+            # covers a session that expired.
+            await client.subscribe(self._cmd_filter, qos=1)
             birth = State(
                 online=True,
                 session=session,
@@ -225,6 +319,7 @@ class MqttUplink:
             await client.publish_acked(self._state_topic, encode(birth), retain=True)
             self.session = session
             self.connects += 1
+            self.since_ms = self._now_ms()
             self.connected.set()
             self._log.info(
                 "connected to %s:%d as %s (session %d)",
@@ -242,29 +337,80 @@ class MqttUplink:
                     watcher.cancel()
                     return
                 await self._flush(client)
-                final = State(online=False, session=session, ts=self._now_ms(), reason="shutdown")
+                final = (
+                    self._planned_state(session)
+                    if self._planned_back_ms is not None
+                    else State(online=False, session=session, ts=self._now_ms(), reason="shutdown")
+                )
                 await client.publish_acked(self._state_topic, encode(final), retain=True)
                 watcher.cancel()
-            self._log.info("published shutdown state; disconnecting")
+            self._log.info("published %s state; disconnecting", final.reason)
 
     async def _watch_link(self, client: _PubackClient) -> None:
-        # Iterating messages is how aiomqtt reports a dropped connection while we are idle.
-        async for _ in client.messages:
-            pass
+        # Iterating messages is how aiomqtt reports a dropped connection while we are idle;
+        # it is also where commands arrive.
+        async for message in client.messages:
+            self._dispatch(message)
         raise _LinkLost("message stream ended")
 
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        try:
+            where = parse(str(message.topic))
+        except TopicError:
+            self._log.warning("ignored a message on unexpected topic %s", message.topic)
+            return
+        if where.command is None or where.terminal != self._terminal:
+            return
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        correlation = getattr(message.properties, "CorrelationData", None)
+        if self._on_command is not None:
+            self._on_command(
+                IncomingCommand(
+                    name=where.command,
+                    payload=payload,
+                    correlation=correlation if isinstance(correlation, bytes) else None,
+                )
+            )
+
     async def _pump(self, client: _PubackClient, stopping: asyncio.Event) -> None:
+        """Publish the outbox in order: the backlog paced and marked historical, then live."""
+        loop = asyncio.get_running_loop()
+        live_from = await self._outbox.newest_id()
+        pace = ReplayPace(self._replay_rate, REPLAY_BURST, loop.time())
         retry = UNDELIVERED_RETRY_MIN_S
         while not (stopping.is_set() or self._reconnect.is_set()):
-            item = self._backlog.peek()
-            if item is None:
-                await self._backlog.changed()
+            batch = await self._outbox.head(OUTBOX_BATCH)
+            if not batch:
+                await self._outbox.changed()
                 continue
-            if await self._offer(client, item):
+            sent: list[int] = []
+            undelivered: Stored | None = None
+            try:
+                for stored in batch:
+                    if stopping.is_set() or self._reconnect.is_set():
+                        break
+                    backlog = stored.id <= live_from
+                    if backlog:
+                        wait = pace.wait_s(loop.time())
+                        if wait > 0:
+                            await self._pause(stopping, wait)
+                            if stopping.is_set() or self._reconnect.is_set():
+                                break
+                    if not await self._offer(client, stored, historical=backlog):
+                        undelivered = stored
+                        break
+                    sent.append(stored.id)
+                    self.replayed += backlog
+            finally:
+                # Also when the link drops mid-batch: what was acknowledged is not sent again.
+                await self._outbox.delete(sent)
+            if undelivered is None:
                 retry = UNDELIVERED_RETRY_MIN_S
                 continue
             self._log.info(
-                "no subscriber for %s yet; offering it again in %.1f s", item.topic, retry
+                "no subscriber for %s yet; offering it again in %.1f s",
+                undelivered.message.topic,
+                retry,
             )
             await self._pause(stopping, retry)
             retry = min(UNDELIVERED_RETRY_MAX_S, retry * 2)
@@ -281,9 +427,15 @@ class MqttUplink:
             for wait in waits:
                 wait.cancel()
 
-    async def _offer(self, client: _PubackClient, item: Outgoing) -> bool:
-        """Publish the backlog's head; True if it left the backlog."""
-        reason = await client.publish_acked(item.topic, item.payload, retain=item.retain)
+    async def _offer(self, client: _PubackClient, stored: Stored, *, historical: bool) -> bool:
+        """Publish one message; True if it may leave the outbox."""
+        item = stored.message
+        payload = as_historical(stored) if historical else item.payload
+        started = time.perf_counter()
+        reason = await client.publish_acked(
+            item.topic, payload, retain=item.retain, correlation=item.correlation
+        )
+        self.rtt_ms = (time.perf_counter() - started) * 1000
         if reason == NO_MATCHING_SUBSCRIBERS and not item.retain:
             return False  # a retained message is stored by the broker all the same
         if reason >= FIRST_FAILURE:
@@ -291,16 +443,23 @@ class MqttUplink:
             self._log.error(
                 "broker refused a message on %s (reason 0x%02x); dropped", item.topic, reason
             )
-        self._backlog.done(item)
         return True
 
     async def _flush(self, client: _PubackClient) -> None:
+        """At stop: publish what is waiting, for a few seconds at most; the rest stays on disk."""
         try:
             async with asyncio.timeout(FLUSH_ON_STOP_S):
-                while (item := self._backlog.peek()) is not None:
-                    if not await self._offer(client, item):
-                        break  # nobody to take it now; it stays for the next run
+                while batch := await self._outbox.head(OUTBOX_BATCH):
+                    sent: list[int] = []
+                    try:
+                        for stored in batch:
+                            if not await self._offer(client, stored, historical=False):
+                                return  # nobody to take it now; it stays for the next run
+                            sent.append(stored.id)
+                    finally:
+                        await self._outbox.delete(sent)
         except TimeoutError:
             pass
-        if self._backlog:
-            self._log.warning("stopping with %d messages unsent", len(self._backlog))
+        finally:
+            if self._outbox:
+                self._log.info("stopping with %d messages kept for the next run", len(self._outbox))

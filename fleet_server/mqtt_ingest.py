@@ -227,6 +227,10 @@ class MqttIngest:
                         [
                             (fleet_filter(Channel.STATE), 1),
                             (shared_filter(Channel.TELEMETRY, group), 1),
+                            # Retained like state: every server process keeps the snapshot.
+                            (fleet_filter(Channel.PERIPHERALS), 1),
+                            (shared_filter(Channel.EVENTS, group), 1),
+                            (shared_filter(Channel.CMD_RESULT, group), 1),
                         ]
                     )
                     self.connected.set()

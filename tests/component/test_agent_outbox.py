@@ -17,6 +17,7 @@ from edge_agent.outbox import (
 )
 from edge_agent.store import AgentStore
 from fleet_protocol.codec import decode, encode
+from fleet_protocol.ids import CommandId, CommandName
 from fleet_protocol.messages import CommandResult, Event, SystemSample, Telemetry
 
 LIMITS = OutboxLimits(max_bytes=10_000, max_age_ms=3_600_000)
@@ -143,7 +144,13 @@ async def test_a_command_is_claimed_once_and_its_result_kept(tmp_path: Path) -> 
     assert not await ledger.claim("cmd-00000001", "reboot", 1001)
     assert await ledger.claim("cmd-00000002", "diagnostics", 1002)
     assert await store.ledger("t-02").claim("cmd-00000001", "reboot", 1003)  # another terminal's id
-    result = CommandResult(id="cmd-00000002", name="diagnostics", status="ok", ts=1005, output="ok")
+    result = CommandResult(
+        id=CommandId("cmd-00000002"),
+        name=CommandName("diagnostics"),
+        status="ok",
+        ts=1005,
+        output="ok",
+    )
     await ledger.finish("cmd-00000002", result)
     store.close()
     ledger = AgentStore.open(tmp_path / "a.db").ledger("t-01")

@@ -163,8 +163,12 @@ def write_agent_config(
     interval_s: float = 0.5,
     batch_size: int = 2,
     identity: Identity | None = None,
+    extra: str = "",
 ) -> Path:
-    """An agent config for ``terminal`` on ``stack``, with a certificate issued for it."""
+    """An agent config for ``terminal`` on ``stack``, with a certificate issued for it.
+
+    ``extra`` is more TOML (sections the test needs). The status page listens on a free port
+    unless ``extra`` sets one."""
     if identity is None:
         identity = issue_identity(stack, terminal, state_dir / "tls", site=site)
     path.write_text(
@@ -191,6 +195,8 @@ identity_file = "{identity.identity_file}"
 
 [storage]
 state_dir = "{state_dir}"
+{extra}
+{"" if "[status_page]" in extra else "[status_page]" + chr(10) + "port = 0"}
 """,
         encoding="utf-8",
     )
