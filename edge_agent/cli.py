@@ -54,6 +54,7 @@ from edge_agent.store import AgentStore
 from edge_agent.system_commands import SystemCommands
 from edge_agent.system_psutil import PsutilSystem
 from edge_agent.udev_pyudev import PyudevUsb
+from edge_agent.usb import SimulatedUsb, UsbSource
 from firmware_bridge.errors import BridgeError
 from firmware_bridge.kiosk import KioskDevices
 from firmware_bridge.profiles import Profile, load_profile, read_overrides
@@ -90,11 +91,16 @@ def _parser() -> argparse.ArgumentParser:
             default=DEFAULT_CONFIG,
             help=f"TOML config file (default {DEFAULT_CONFIG})",
         )
-    sub.add_parser(
+    hashing = sub.add_parser(
         "hash-passcode",
         help="hash a staff passcode for [[status_page.staff]] (工作人员密码)",
         description="读入工作人员密码并输出其散列 / read a staff passcode, print its hash for "
         "the config's [[status_page.staff]] passcode_hash.",
+    )
+    hashing.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the passcode from the first line of standard input (for scripts)",
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     enrol.add_argument("--server", required=True, metavar="URL", help="https://HOST:PORT")
@@ -175,10 +181,13 @@ async def _run(config: AgentConfig, recent: RecentLog) -> None:
         devices = None
         if profile is not None:
             devices = await stack.enter_async_context(KioskDevices(profile))
-        usb = None
+        usb: UsbSource | None = None
         if profile is not None and config.peripherals.usb == "udev":
-            usb = PyudevUsb()
-            stack.callback(usb.close)
+            udev = PyudevUsb()
+            stack.callback(udev.close)
+            usb = udev
+        elif profile is not None and config.peripherals.usb == "simulated":
+            usb = SimulatedUsb(profile)
         clock = None
         if reference_url:
             clock = await stack.enter_async_context(
@@ -215,9 +224,12 @@ async def _status_page(
         log.error("no status page: %s", exc)  # noqa: TRY400 - the reason is the message
 
 
-def _hash_passcode() -> int:
-    first = getpass.getpass("工作人员密码 / staff passcode (8+ characters): ")
-    again = getpass.getpass("再输入一次 / again: ")
+def _hash_passcode(from_stdin: bool) -> int:
+    if from_stdin:
+        first = again = sys.stdin.readline().rstrip("\r\n")
+    else:
+        first = getpass.getpass("工作人员密码 / staff passcode (8+ characters): ")
+        again = getpass.getpass("再输入一次 / again: ")
     if first != again:
         print("kiosk-agent: error: the two passcodes differ; nothing written", file=sys.stderr)
         return 2
@@ -387,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "hash-passcode":
-            return _hash_passcode()
+            return _hash_passcode(args.stdin)
         if args.command == "enroll":
             return _enrol(args)
         config = load_config(args.config)

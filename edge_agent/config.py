@@ -161,8 +161,9 @@ class PeripheralSettings(_Section, frozen=True, kw_only=True):
     overrides: str = ""
     #: A changed state must hold this long before it is reported (a loose cable flaps).
     debounce_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 3.0
-    #: USB hotplug through udev, or off (then USB-only peripherals are not watched).
-    usb: Literal["udev", "off"] = "udev"
+    #: USB hotplug through udev; off (USB-only peripherals are then reported as not
+    #: watched); or simulated, every USB peripheral of the profile plugged in (demos, tests).
+    usb: Literal["udev", "off", "simulated"] = "udev"
 
 
 class ClockSettings(_Section, frozen=True, kw_only=True):

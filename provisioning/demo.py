@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -60,6 +60,12 @@ AGENTS: Final = (
 )
 DEFAULT_API_PORT: Final = 8700
 DEFAULT_ENROL_PORT: Final = 8701
+#: The kiosk whose peripherals are simulated (`kiosk-bridge simulate`) for its status page.
+KIOSK_WITH_DEVICES: Final = "zhujing-dqzx-01"
+#: Status pages of the agents: this port and the next ones, in the order of AGENTS.
+STATUS_PAGE_PORT: Final = 8780
+#: The demo's staff account on every status page (a demo only: real ones come from config).
+DEMO_STAFF: Final = ("演示员", "kiosk-demo-2026")
 SIM_PREFIX: Final = "jinshan-cun"
 SIM_SITES: Final = ("zhujing-daijing-cun", "fengjing-zhonghong-cun", "tinglin-yuntao-cun")
 
@@ -148,6 +154,87 @@ def _enrol_agent(
     return config
 
 
+_RECORDER = """#!/bin/sh
+# The demo's stand-in for `systemctl reboot` and restarting the kiosk application: the demo
+# must never reboot the machine it runs on. Each request is one line in the log.
+echo "$(date '+%Y-%m-%d %H:%M:%S') $*" >> "$(dirname "$0")/machine-commands.log"
+"""
+
+
+def _section_free(text: str, name: str) -> str:
+    """``text`` (a config `kiosk-agent enroll` wrote) without section ``name`` and its tables."""
+    kept: list[str] = []
+    skipping = False
+    for line in text.splitlines():
+        if line.startswith("["):
+            header = line.strip("[] ")
+            skipping = header == name or header.startswith(f"{name}.")
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).rstrip() + "\n"
+
+
+def _local_settings(
+    config: Path,
+    *,
+    page_port: int,
+    staff_hash: str,
+    recorder: Path,
+    overrides: Path | None,
+) -> None:
+    """The demo's settings of one enrolled kiosk: its status page with the demo staff member,
+    the recorder instead of a real reboot, and for one kiosk its simulated peripherals."""
+    text = config.read_text("utf-8")
+    for name in ("status_page", "system_commands", "peripherals"):
+        text = _section_free(text, name)
+    rec = _toml_str(str(recorder))
+    text += f"""
+[status_page]
+listen = ["127.0.0.1"]
+port = {page_port}
+
+[[status_page.staff]]
+name = {_toml_str(DEMO_STAFF[0])}
+passcode_hash = {_toml_str(staff_hash)}
+
+[system_commands]
+reboot = [{rec}, "reboot"]
+restart_app = [{rec}, "restart-app"]
+"""
+    if overrides is not None:
+        text += f"""
+[peripherals]
+profile = "comprehensive"
+overrides = {_toml_str(str(overrides))}
+usb = "simulated"
+debounce_s = 2
+"""
+    config.write_text(text, "utf-8")
+
+
+def _staff_hash(bin_dir: Path) -> str:
+    done = subprocess.run(
+        [str(bin_dir / "kiosk-agent"), "hash-passcode", "--stdin"],
+        input=DEMO_STAFF[1] + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise DemoError(f"hashing the demo passcode failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _wait_for_file(path: Path, children: _Children, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        children.check()
+        if time.monotonic() > deadline:
+            raise DemoError(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def _provision_sim(authority: FleetAuthority, tls_dir: Path, count: int) -> None:
     """Certificates for the simulated kiosks, made ops-side (factory provisioning)."""
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -233,6 +320,62 @@ def _wait_for_api(url: str, children: _Children, timeout: float = 30.0) -> None:
     raise DemoError(f"the fleet server did not answer at {url} within {timeout:.0f} s")
 
 
+@dataclass(frozen=True)
+class _Kiosks:
+    bin_dir: Path
+    authority: FleetAuthority
+    workdir: Path
+    enrol_url: str
+    api_port: int
+
+
+def _start_kiosks(
+    k: _Kiosks, children: _Children, step: Callable[[str], None]
+) -> list[tuple[str, int]]:
+    """Simulated peripherals for one kiosk, then the town-centre kiosks, each enrolled and
+    set up for the demo; their status pages as (terminal, port)."""
+    devices_dir = k.workdir / "dev"  # short: upsd's socket path has a length limit
+    (devices_dir / "overrides.toml").unlink(missing_ok=True)
+    children.start(
+        "kiosk-bridge",
+        [
+            str(k.bin_dir / "kiosk-bridge"), "simulate", "comprehensive",
+            "--dir", str(devices_dir),
+        ],
+    )  # fmt: skip
+    _wait_for_file(devices_dir / "overrides.toml", children)
+    recorder = k.workdir / "agents" / "machine-command"
+    recorder.write_text(_RECORDER, "utf-8")
+    recorder.chmod(0o755)
+    staff_hash = _staff_hash(k.bin_dir)
+    step("enrolling the town-centre kiosks ...")
+    pages: list[tuple[str, int]] = []
+    for n, (terminal, site) in enumerate(AGENTS):
+        config = _enrol_agent(
+            k.bin_dir,
+            k.authority,
+            workdir=k.workdir,
+            terminal=terminal,
+            site=site,
+            enrol_url=k.enrol_url,
+        )
+        page_port = _port(STATUS_PAGE_PORT + n, avoid=frozenset({k.api_port}))
+        pages.append((terminal, page_port))
+        _local_settings(
+            config,
+            page_port=page_port,
+            staff_hash=staff_hash,
+            recorder=recorder,
+            overrides=devices_dir / "overrides.toml" if terminal == KIOSK_WITH_DEVICES else None,
+        )
+        step(f"  {terminal} enrolled; starting its kiosk-agent")
+        children.start(
+            f"agent-{terminal}",
+            [str(k.bin_dir / "kiosk-agent"), "run", "--config", str(config)],
+        )
+    return pages
+
+
 def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) -> int:
     workdir = workdir.resolve()
     logs = workdir / "logs"
@@ -268,21 +411,10 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                     "fleet-server", [str(bin_dir / "fleet-server"), "run", "--config", str(cfg)]
                 )
                 _wait_for_api(api, children)
-                step("enrolling the town-centre kiosks ...")
-                for terminal, site in AGENTS:
-                    acfg = _enrol_agent(
-                        bin_dir,
-                        authority,
-                        workdir=workdir,
-                        terminal=terminal,
-                        site=site,
-                        enrol_url=enrol_url,
-                    )
-                    step(f"  {terminal} enrolled; starting its kiosk-agent")
-                    children.start(
-                        f"agent-{terminal}",
-                        [str(bin_dir / "kiosk-agent"), "run", "--config", str(acfg)],
-                    )
+                step(f"simulating the peripherals of {KIOSK_WITH_DEVICES} ...")
+                pages = _start_kiosks(
+                    _Kiosks(bin_dir, authority, workdir, enrol_url, api_port), children, step
+                )
                 if sim_terminals:
                     step(f"provisioning and starting {sim_terminals} simulated kiosks ...")
                     _provision_sim(authority, workdir / "agents" / "sim-tls", sim_terminals)
@@ -295,11 +427,15 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                         "--tls-dir", str(workdir / "agents" / "sim-tls"),
                         "--interval", "5",
                         "--state-dir", str(workdir / "agents" / "sim"),
+                        "--profile", "comprehensive",
+                        "--control", str(workdir / "agents" / "fleet-sim.sock"),
                     ]  # fmt: skip
                     for site in SIM_SITES:
                         sim_argv += ["--site", site]
                     children.start("fleet-sim", sim_argv)
-                _print_running(out, info, api, workdir, sim_terminals)
+                _print_running(
+                    out, info, api=api, workdir=workdir, sim_terminals=sim_terminals, pages=pages
+                )
                 deadline = None if duration is None else time.monotonic() + duration
                 while deadline is None or time.monotonic() < deadline:
                     children.check()
@@ -315,8 +451,20 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
 
 
 def _print_running(
-    out: TextIO, info: stack.StackInfo, api: str, workdir: Path, sim_terminals: int
+    out: TextIO,
+    info: stack.StackInfo,
+    *,
+    api: str,
+    workdir: Path,
+    sim_terminals: int,
+    pages: list[tuple[str, int]],
 ) -> None:
+    sock = workdir / "agents" / "fleet-sim.sock"
+    page_lines = "\n".join(
+        f"  status page   http://127.0.0.1:{port}/   {terminal}"
+        + ("  (simulated peripherals)" if terminal == KIOSK_WITH_DEVICES else "")
+        for terminal, port in pages
+    )
     q = "SELECT mean(cpu_percent) FROM system WHERE time > now() - 5m GROUP BY town, terminal"
     print(
         f"""
@@ -328,6 +476,9 @@ def _print_running(
   fleet server  {api}   (ops API)
   kiosks        {len(AGENTS)} kiosk-agent processes at town centres
                 {sim_terminals} simulated village kiosks (fleet-sim)
+{page_lines}
+                staff login: {DEMO_STAFF[0]} / {DEMO_STAFF[1]} (reboots are only recorded,
+                in {workdir / "agents" / "machine-commands.log"})
 
 How to look at it (in another shell, from this directory):
   .venv/bin/fleetctl terminals list --server {api}
@@ -338,7 +489,11 @@ How to look at it (in another shell, from this directory):
   .venv/bin/fleetctl audit --pki {info.pki_dir}
   .venv/bin/fleetctl token create --pki {info.pki_dir} --terminal jinshan-new-01 --site zhujing-dqzx
 
-Try: kill -9 one kiosk-agent (see {workdir / "logs"}) and watch it go offline.
+Try:
+  kill -9 one kiosk-agent (see {workdir / "logs"}) and watch it go offline;
+  inject a fault into a simulated village kiosk (power-cut, reboot, unplug id-card-reader,
+  flap, clock-skew 120 ...; `fleet-sim inject --help`):
+    .venv/bin/fleet-sim inject --control {sock} {SIM_PREFIX}-0001 power-cut 30
 Ctrl-C stops everything the demo started.
 """,
         file=out,

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,18 @@ def _what_the_demo_said(log: Path, workdir: Path) -> str:
         tail = child_log.read_text(errors="replace").splitlines()[-20:]
         parts.append(f"--- {child_log.name} (last 20 lines)\n" + "\n".join(tail))
     return "\n".join(parts)
+
+
+def _page_listing_the_printer(url: str) -> str | None:
+    try:
+        with _direct.open(url, timeout=5) as response:
+            html: str = response.read().decode("utf-8")
+    except OSError:
+        return None
+    return html if "凭条打印机" in html else None
+
+
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _announced_api(demo: subprocess.Popen[bytes], log: Path, workdir: Path) -> str | None:
@@ -95,6 +108,17 @@ def test_demo_runs_a_jinshan_fleet_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "8/8 online" in human
         assert "在线 online" in human
 
+        # The kiosk with simulated peripherals shows them on its status page.
+        page = eventually(
+            lambda: (
+                (m := re.search(r"status page\s+(http://\S+)\s+zhujing-dqzx-01", log.read_text()))
+                and m[1]
+            ),
+            timeout=10,
+        )
+        html = eventually(lambda: _page_listing_the_printer(page), timeout=60, every=1.0)
+        assert "演示员" not in html  # nobody is logged in
+
         info = stack.StackInfo.from_json((workdir / "stack" / "stack.json").read_text())
         service_pids = [info.mqtt_pid, info.influx_pid, info.smtp_pid]
         assert all(_alive(pid) for pid in service_pids)
@@ -108,7 +132,7 @@ def test_demo_runs_a_jinshan_fleet_and_ctrl_c_stops_everything(tmp_path: Path) -
     text = log.read_text()
     assert "stopped fleet-server" in text
     child_pids = [int(p) for p in re.findall(r"stopped \S+ \(pid (\d+)\)", text)]
-    assert len(child_pids) == 7  # server, 5 agents, fleet-sim
+    assert len(child_pids) == 8  # server, kiosk-bridge, 5 agents, fleet-sim
     assert not [pid for pid in service_pids + child_pids if _alive(pid)]
     # The agents said goodbye before the broker went away: their last state is "shutdown".
     agent_log = (workdir / "logs" / "agent-zhujing-dqzx-01.log").read_text()
