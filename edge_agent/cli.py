@@ -48,6 +48,7 @@ from edge_agent.identity import (
     write_file_atomically,
 )
 from edge_agent.logbook import RecentLog
+from edge_agent.outbox import OutboxLimits
 from edge_agent.status_page.staff import hash_passcode
 from edge_agent.status_page.web import StatusPageError, make_app, running
 from edge_agent.store import AgentStore
@@ -76,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the agent until SIGTERM/SIGINT")
     check = sub.add_parser("check-config", help="validate the config file and print it")
+    status = sub.add_parser(
+        "status",
+        help="what waits in the outbox and what was dropped (本机待发送数据)",
+        description="本机待发送数据与丢弃统计 / what this kiosk's outbox holds and has dropped; "
+        "works whether or not the agent runs.",
+    )
+    status.add_argument("--json", action="store_true", help="print it as JSON")
     enrol = sub.add_parser(
         "enroll",
         help="enrol this kiosk: key, certificate and config (登记本终端)",
@@ -84,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
             "one-time token from ops, and write the agent's config."
         ),
     )
-    for p in (run, check, enrol):
+    for p in (run, check, status, enrol):
         p.add_argument(
             "--config",
             type=Path,
@@ -222,6 +230,45 @@ async def _status_page(
     except StatusPageError as exc:
         # The agent keeps reporting without its page; the log says why there is none.
         log.error("no status page: %s", exc)  # noqa: TRY400 - the reason is the message
+
+
+def _status(config: AgentConfig, *, as_json: bool) -> int:
+    path = config.database_path
+    if not path.exists():
+        print(
+            f"kiosk-agent: error: {path} does not exist: the agent has not run here yet",
+            file=sys.stderr,
+        )
+        return 2
+    store = AgentStore.open(path)
+    try:
+        ocfg = config.outbox
+        outbox = store.outbox(
+            config.terminal.id,
+            OutboxLimits(int(ocfg.max_mb * 1024 * 1024), int(ocfg.max_age_days * 86_400_000)),
+        )
+        report = {
+            "terminal": config.terminal.id,
+            "database": str(path),
+            "pending": len(outbox),
+            "pending_bytes": outbox.pending_bytes,
+            "oldest_ms": outbox.oldest_ms,
+            "dropped": outbox.dropped,
+        }
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False))
+        return 0
+    oldest = outbox.oldest_ms
+    print(f"{config.terminal.id}: {path}")
+    print(f"  待发送 pending  {len(outbox)} messages, {outbox.pending_bytes} bytes")
+    if oldest is not None:
+        when = dt.datetime.fromtimestamp(oldest / 1000, dt.UTC)
+        print(f"  最早 oldest     {_local_time(when)}")
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(outbox.dropped.items())) or "none"
+    print(f"  已丢弃 dropped  {dropped}")
+    return 0
 
 
 def _hash_passcode(from_stdin: bool) -> int:
@@ -403,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "enroll":
             return _enrol(args)
         config = load_config(args.config)
+        if args.command == "status":
+            return _status(config, as_json=args.json)
         identity = check_identity(config)
         if args.command == "check-config":
             _check_config(args.config, config, identity)

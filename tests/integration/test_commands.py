@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 from pathlib import Path
 
@@ -103,3 +105,39 @@ def test_fleet_sim_refuses_an_invalid_prefix() -> None:
     assert result.returncode == 2
     assert "'Bad Prefix-" in result.stderr
     assert "is not valid: 3-63 characters of a-z, 0-9 and '-'" in result.stderr
+
+
+def test_status_reads_the_outbox_of_an_agent_that_is_not_running(
+    stack: StackInfo, tmp_path: Path
+) -> None:
+    path = write_agent_config(
+        tmp_path / "agent.toml",
+        terminal="fengjing-dqzx-09",
+        site="fengjing-dqzx",
+        stack=stack,
+        state_dir=tmp_path / "state",
+    )
+    never_ran = run("kiosk-agent", "status", "--config", str(path))
+    assert never_ran.returncode == 2
+    assert "the agent has not run here yet" in never_ran.stderr
+
+    from edge_agent.outbox import OutboxLimits, Outgoing, Priority  # noqa: PLC0415
+    from edge_agent.store import AgentStore  # noqa: PLC0415
+
+    async def queue() -> None:
+        store = AgentStore.open(tmp_path / "state" / "agent.db")
+        outbox = store.outbox("fengjing-dqzx-09", OutboxLimits(250, 10**9))
+        for i in range(3):  # room for two: one telemetry message is dropped
+            await outbox.put(Outgoing("t", b"x" * 100, Priority.TELEMETRY), 1_700_000_000_000 + i)
+        store.close()
+
+    asyncio.run(queue())
+    result = run("kiosk-agent", "status", "--config", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["pending"] == 2
+    assert report["pending_bytes"] == 200
+    assert report["dropped"] == {"full/telemetry": 1}
+    human = run("kiosk-agent", "status", "--config", str(path)).stdout
+    assert "待发送 pending  2 messages" in human
+    assert "full/telemetry 1" in human
