@@ -20,7 +20,6 @@ again at 0 and :attr:`BootRecord.history_lost` says so, for the log.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,6 +27,7 @@ from typing import Final
 import msgspec
 
 from edge_agent.errors import StateDirError
+from edge_agent.identity import write_file_atomically
 
 FILE: Final = "boots.json"
 #: How far two readings of the same boot's time may differ.
@@ -114,18 +114,7 @@ def record_boot(state_dir: Path, current: Boot) -> BootRecord:
 
 
 def _write(state_dir: Path, path: Path, stored: _Stored) -> None:
-    tmp = path.with_suffix(".tmp")
     try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with tmp.open("wb") as fh:
-            fh.write(msgspec.json.encode(stored) + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        dir_fd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_file_atomically(path, msgspec.json.encode(stored) + b"\n", mode=0o600, dir_mode=0o700)
     except OSError as exc:
         raise StateDirError(f"state directory {state_dir}: {exc.strerror}") from exc

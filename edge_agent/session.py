@@ -7,10 +7,10 @@ go backwards, even across a power cut: the file is replaced atomically and fsync
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from edge_agent.errors import StateDirError
+from edge_agent.identity import write_file_atomically
 
 _FILE = "session"
 
@@ -25,17 +25,7 @@ def next_session(state_dir: Path) -> int:
         except FileNotFoundError:
             current = 0
         nxt = current + 1
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", encoding="ascii") as fh:
-            fh.write(f"{nxt}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        dir_fd = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_file_atomically(path, f"{nxt}\n".encode("ascii"), mode=0o600, dir_mode=0o700)
     except ValueError as exc:
         raise StateDirError(f"{path} is corrupt (not a number); remove it to restart at 1") from exc
     except OSError as exc:
