@@ -196,6 +196,7 @@ class Agent:
                 logger=self._log,
             )
         self._spawned: asyncio.TaskGroup | None = None
+        self._spawned_tasks: set[asyncio.Task[None]] = set()
         self.operations = Operations(
             tid,
             devices=parts.devices,
@@ -277,7 +278,6 @@ class Agent:
                 dropped=self.outbox.dropped,
             ),
             network=interfaces,
-            versions={"agent": agent_version()},
             events=self.journal.recent,
             planned=self.operations.planned,
         )
@@ -346,6 +346,8 @@ class Agent:
             for worker in workers:
                 if worker.get_name().startswith(("commands:", "housekeeping:")):
                     worker.cancel()
+            for task in list(self._spawned_tasks):  # e.g. a reboot still waiting to happen
+                task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             uplink_stopping.set()
             self.outbox.wake()
@@ -357,7 +359,9 @@ class Agent:
             if isinstance(work, Coroutine):
                 work.close()
             return
-        tg.create_task(_as_coroutine(work), name=f"{name}:{self.config.terminal.id}")
+        task = tg.create_task(_as_coroutine(work), name=f"{name}:{self.config.terminal.id}")
+        self._spawned_tasks.add(task)
+        task.add_done_callback(self._spawned_tasks.discard)
 
     # --- telemetry ----------------------------------------------------------------------------
 

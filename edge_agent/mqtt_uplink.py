@@ -219,6 +219,14 @@ class MqttUplink:
             return False
         return True
 
+    def cancel_planned(self) -> None:
+        """The planned reboot did not happen: connect again, so a new birth (with a new session,
+        which the server cannot take for a stale one) replaces the retained "planned"."""
+        if self._planned_back_ms is None:
+            return
+        self._planned_back_ms = None
+        self.request_reconnect()
+
     def _planned_state(self, session: int) -> State:
         return State(
             online=False,

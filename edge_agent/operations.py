@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from edge_agent.journal import Journal
+from edge_agent.peripheral_words import explain
 from edge_agent.status_model import ActionOutcome, Words
 from firmware_bridge.errors import BridgeError, ChannelBusy
 from firmware_bridge.kiosk import KioskDevices
+from firmware_bridge.profiles import Peripheral
 from firmware_bridge.roles import ROLE_TITLES, Role
 
 #: How long a peripheral stays off in a power-cycle when the board config does not say.
@@ -29,6 +31,8 @@ DEFAULT_OFF_S = 5.0
 
 class Announcer(Protocol):
     async def announce_planned(self, expected_back_ms: int) -> bool: ...
+
+    def cancel_planned(self) -> None: ...
 
 
 class MachineCommands(Protocol):
@@ -84,7 +88,7 @@ class Operations:
             attributes={"expected_back_ms": back_ms, "announced": announced},
             action=True,
         )
-        self._spawn(self._reboot_after(delay_s, actor), "reboot")
+        self._spawn(self._reboot_after(delay_s, expected_back_s, actor), "reboot")
         return ActionOutcome(
             True,
             Words(
@@ -93,18 +97,23 @@ class Operations:
             ),
         )
 
-    async def _reboot_after(self, delay_s: float, actor: str) -> None:
+    async def _reboot_after(self, delay_s: float, expected_back_s: float, actor: str) -> None:
         await asyncio.sleep(delay_s)
         ok, output = await self._machine.run_reboot()
-        if not ok:
-            self.planned = None
-            await self._journal.record(
-                "terminal.reboot_failed",
-                f"重启命令失败：{output[:500]}",
-                severity="error",
-                actor=actor,
-                action=True,
-            )
+        if ok:
+            # A reboot takes the agent down long before this; still running after the whole
+            # expected time means the command did not reboot the machine.
+            await asyncio.sleep(expected_back_s)
+            output = "the machine did not reboot within the expected time"
+        self.planned = None
+        self._announcer.cancel_planned()  # online again: the server must not wait for us
+        await self._journal.record(
+            "terminal.reboot_failed",
+            f"重启没有发生：{output[:500]}",
+            severity="error",
+            actor=actor,
+            action=True,
+        )
 
     async def restart_app(self, actor: str) -> ActionOutcome:
         await self._journal.record(
@@ -152,7 +161,7 @@ class Operations:
                 Words(f"{title.zh} 正在重新上电，请稍候", f"{title.en} is being power-cycled"),
             )
         except BridgeError as exc:
-            return await self._failed_power_cycle(target, title, actor, str(exc))
+            return await self._failed_power_cycle(target, title, actor, exc.reason, str(exc))
         if report.outcome == "done":
             return ActionOutcome(
                 True,
@@ -161,24 +170,29 @@ class Operations:
                     f"{title.en} was power-cycled (off for {report.off_s:.0f} s)",
                 ),
             )
-        return await self._failed_power_cycle(target, title, actor, report.reason or "")
+        code = report.reason or "error"
+        detail = next((s.detail for s in report.steps if not s.ok), code)
+        return await self._failed_power_cycle(target, title, actor, code, detail)
 
     async def _failed_power_cycle(
-        self, target: str, title: Words, actor: str, why: str
+        self, target: str, title: Words, actor: str, code: str, detail: str
     ) -> ActionOutcome:
+        # What went wrong is the controller board's doing (it switches the power), so the words
+        # are about the board; the driver's own text stays in the event for ops.
+        why = self._plainly(code, self._board())
         await self._journal.record(
             "peripheral.power_cycle_failed",
-            f"{title.zh} 重新上电失败：{why}",
+            f"{title.zh} 重新上电失败：{why.zh}",
             severity="error",
             actor=actor,
-            attributes={"target": target},
+            attributes={"target": target, "reason": code, "detail": detail[:500]},
             action=True,
         )
         return ActionOutcome(
             False,
             Words(
-                f"{title.zh} 重新上电失败：{why}；请联系运维",
-                f"Power-cycling {title.en} failed: {why}; call ops",
+                f"{title.zh} 重新上电失败：{why.zh}",
+                f"Power-cycling {title.en} failed: {why.en}",
             ),
         )
 
@@ -199,9 +213,12 @@ class Operations:
                 self._terminal, _clock_text(self._now_ms(), seconds=True), peripheral
             )
         except BridgeError as exc:
+            # Staff read this on the page: "打印机缺纸。请更换纸卷。", not the driver's text.
+            self._log.info("test ticket on %s not printed: %s", peripheral or "printer", exc)
+            why = self._plainly(exc.reason, self._peripheral(peripheral), title)
             return ActionOutcome(
                 False,
-                Words(f"测试页未能打印：{exc}", f"The test ticket was not printed: {exc}"),
+                Words(f"测试页未能打印：{why.zh}", f"The test ticket was not printed: {why.en}"),
             )
         if result.confirmed:
             return ActionOutcome(
@@ -229,6 +246,40 @@ class Operations:
     # restart_app, power_cycle and print_test_ticket are shared with the commands above; the
     # page names its peripheral always.
 
+    def _peripheral(self, peripheral_id: str | None) -> Peripheral | None:
+        devices = self._devices
+        if devices is None or peripheral_id is None:
+            return None
+        try:
+            return devices.profile.peripheral(peripheral_id)
+        except KeyError:
+            return None
+
+    def _board(self) -> Peripheral | None:
+        devices = self._devices
+        if devices is None:
+            return None
+        return next(
+            (p for p in devices.profile.peripherals if p.role is Role.CONTROLLER_BOARD), None
+        )
+
+    @staticmethod
+    def _plainly(code: str, about: Peripheral | None, title: Words | None = None) -> Words:
+        """A driver's reason code as the sentences staff read, with what to do."""
+        if about is not None:
+            explained = explain(
+                code, role=about.role.value, title=Words(about.title, about.title_en)
+            )
+        else:
+            explained = explain(code, title=title)
+        parts = [explained.problem]
+        if explained.action is not None:
+            parts.append(explained.action)
+        return Words(
+            "".join(_sentence_zh(p.zh) for p in parts),
+            " ".join(_sentence_en(p.en) for p in parts),
+        )
+
     def _title(self, target: str) -> Words:
         devices = self._devices
         if devices is not None:
@@ -249,3 +300,11 @@ def _clock_text(ms: int, *, seconds: bool = False) -> str:
     """Local wall-clock time as staff read it."""
     moment = dt.datetime.fromtimestamp(ms / 1000).astimezone()
     return moment.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%H:%M")
+
+
+def _sentence_zh(text: str) -> str:
+    return text if not text or text[-1] in "。！？；.!?" else f"{text}。"
+
+
+def _sentence_en(text: str) -> str:
+    return text if not text or text[-1] in ".!?" else f"{text}."
