@@ -178,8 +178,13 @@ _VERSION_WORDS: Final[Mapping[str, Words]] = {
 _DROP_WORDS: Final[Mapping[str, Words]] = {
     "full": Words("存储已满", "storage full"),
     "too_old": Words("等待太久", "waited too long"),
-    "age": Words("等待太久", "waited too long"),
-    "size": Words("存储已满", "storage full"),
+}
+#: What was dropped, by the outbox's priority names (edge_agent.outbox.Priority).
+_DROPPED_KIND_WORDS: Final[Mapping[str, Words]] = {
+    "telemetry": Words("运行数据", "readings"),
+    "snapshot": Words("设备状态", "device states"),
+    "event": Words("事件", "events"),
+    "action": Words("操作记录", "actions"),
 }
 
 
@@ -187,8 +192,14 @@ def version_kind(kind: str) -> Words:
     return _VERSION_WORDS.get(kind, Words(kind, kind))
 
 
-def drop_reason(reason: str) -> Words:
-    return _DROP_WORDS.get(reason, Words(reason, reason))
+def drop_reason(key: str) -> Words:
+    """The outbox's drop counter key ``reason/kind`` (e.g. ``full/telemetry``) in words."""
+    reason, _, kind = key.partition("/")
+    why = _DROP_WORDS.get(reason, Words(reason, reason))
+    what = _DROPPED_KIND_WORDS.get(kind)
+    if what is None:
+        return why if not kind else Words(f"{why.zh}（{kind}）", f"{why.en} ({kind})")
+    return Words(f"{why.zh}（{what.zh}）", f"{why.en} ({what.en})")
 
 
 def duration(seconds: float) -> Words:

@@ -417,3 +417,11 @@ def test_the_confirmation_says_exactly_what_will_happen() -> None:
     )
     assert "整台终端" in action_description(ActionKind.REBOOT_TERMINAL, None).zh
     assert "测试页" in action_description(ActionKind.PRINT_TEST, PRINTER).zh
+
+
+def test_outbox_drop_counters_are_named_in_plain_words() -> None:
+    from edge_agent.status_page.texts import drop_reason  # noqa: PLC0415
+
+    assert drop_reason("full/telemetry").zh == "存储已满（运行数据）"
+    assert drop_reason("too_old/action").en == "waited too long (actions)"
+    assert drop_reason("full").zh == "存储已满"
