@@ -336,15 +336,17 @@ class MqttUplink:
                 self._terminal,
                 session,
             )
+            # What is waiting now is the backlog: history, also when it goes out at stop.
+            live_from = await self._outbox.newest_id()
             async with asyncio.TaskGroup() as tg:
                 watcher = tg.create_task(self._watch_link(client), name="uplink-watch")
-                await self._pump(client, stopping)
+                await self._pump(client, stopping, live_from)
                 if self._reconnect.is_set() and not stopping.is_set():
                     # A normal DISCONNECT (leaving the context) keeps the will unsent; the
                     # next birth replaces this one at once.
                     watcher.cancel()
                     return
-                await self._flush(client)
+                await self._flush(client, live_from)
                 final = (
                     self._planned_state(session)
                     if self._planned_back_ms is not None
@@ -380,10 +382,10 @@ class MqttUplink:
                 )
             )
 
-    async def _pump(self, client: _PubackClient, stopping: asyncio.Event) -> None:
-        """Publish the outbox in order: the backlog paced and marked historical, then live."""
+    async def _pump(self, client: _PubackClient, stopping: asyncio.Event, live_from: int) -> None:
+        """Publish the outbox in order: the backlog (ids up to ``live_from``) paced and marked
+        historical, then live."""
         loop = asyncio.get_running_loop()
-        live_from = await self._outbox.newest_id()
         pace = ReplayPace(self._replay_rate, REPLAY_BURST, loop.time())
         retry = UNDELIVERED_RETRY_MIN_S
         while not (stopping.is_set() or self._reconnect.is_set()):
@@ -453,17 +455,21 @@ class MqttUplink:
             )
         return True
 
-    async def _flush(self, client: _PubackClient) -> None:
-        """At stop: publish what is waiting, for a few seconds at most; the rest stays on disk."""
+    async def _flush(self, client: _PubackClient, live_from: int) -> None:
+        """At stop: publish what is waiting, for a few seconds at most; the rest stays on disk.
+
+        Not paced, but what was backlog is still marked historical."""
         try:
             async with asyncio.timeout(FLUSH_ON_STOP_S):
                 while batch := await self._outbox.head(OUTBOX_BATCH):
                     sent: list[int] = []
                     try:
                         for stored in batch:
-                            if not await self._offer(client, stored, historical=False):
+                            backlog = stored.id <= live_from
+                            if not await self._offer(client, stored, historical=backlog):
                                 return  # nobody to take it now; it stays for the next run
                             sent.append(stored.id)
+                            self.replayed += backlog
                     finally:
                         await self._outbox.delete(sent)
         except TimeoutError:

@@ -45,7 +45,9 @@ from fleet_server.errors import ConfigError
 from fleet_server.stopping import sleep_unless_stopped
 
 RECONNECT_MIN_S = 0.5
-RECONNECT_MAX_S = 30.0
+#: One server connection, not thousands: it may retry often. Every second it is away after the
+#: broker is back, agents hold their backlogs (no subscriber yet) and alerts wait.
+RECONNECT_MAX_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
