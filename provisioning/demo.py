@@ -281,13 +281,18 @@ class _Children:
         for _name, proc, _ in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
+        stopped = []
         for name, proc, _ in reversed(self.procs):
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-            print(f"  stopped {name} (pid {proc.pid})", file=out)
+            stopped.append(f"  stopped {name} (pid {proc.pid})")
+        # Said only once all are stopped: an output that is gone (`| head`) must not leave
+        # processes running.
+        with contextlib.suppress(OSError):
+            print("\n".join(stopped), file=out, flush=True)
 
 
 @contextlib.contextmanager
@@ -441,9 +446,12 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                     children.check()
                     time.sleep(0.5)
             finally:
-                print("\nstopping ...", file=out, flush=True)
-                children.stop(out)
-                stack.down(stack_dir)
+                with contextlib.suppress(OSError):
+                    print("\nstopping ...", file=out, flush=True)
+                try:
+                    children.stop(out)
+                finally:
+                    stack.down(stack_dir)
         except KeyboardInterrupt:
             pass
     print("  stopped the local stack; its data stays in", workdir / "stack", file=out)
