@@ -118,7 +118,9 @@ class MonotonicStamp:
 
     def next(self) -> tuple[int, int]:
         self._seq += 1
-        self._last_ts = max(self._last_ts, self._wall_ms())
+        # +1: a sample never shares its predecessor's timestamp, even while the wall clock
+        # catches up after being set back (InfluxDB keeps one point per series and time).
+        self._last_ts = max(self._last_ts + 1, self._wall_ms())
         return self._seq, self._last_ts
 
 

@@ -58,11 +58,12 @@ READING = SystemReading(
 )
 
 
-def test_timestamps_never_go_backwards_when_the_wall_clock_does() -> None:
-    clock = iter([1000, 2000, 1500, 2500])
+def test_timestamps_never_go_backwards_nor_repeat_when_the_wall_clock_does() -> None:
+    # A repeated timestamp would overwrite the previous sample in InfluxDB.
+    clock = iter([1000, 2000, 1500, 1500, 2500])
     stamp = MonotonicStamp(lambda: next(clock))
-    stamps = [stamp.next() for _ in range(4)]
-    assert stamps == [(1, 1000), (2, 2000), (3, 2000), (4, 2500)]
+    stamps = [stamp.next() for _ in range(5)]
+    assert stamps == [(1, 1000), (2, 2000), (3, 2001), (4, 2002), (5, 2500)]
 
 
 def test_a_batch_is_published_when_full() -> None:
