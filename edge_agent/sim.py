@@ -12,7 +12,10 @@ from real kiosks:
   the real NUT upsd), driven by the real drivers; the others watch their USB peripherals only.
 
 All terminals share one SQLite database for their outboxes and command ledgers (a file per
-terminal would be thousands of open files).
+terminal would be thousands of open files). At start at most ``--booting`` kiosks boot at once,
+each until it is connected (or for 10 s): thousands of agents starting together in one process would
+otherwise take their turns at every step (database, files, TLS) before the first one connects.
+A kiosk whose agent fails is logged and boots again; it never ends the simulation.
 
 Each simulated kiosk connects with its own client certificate, from ``--tls-dir``::
 
@@ -38,15 +41,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
+import math
 import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import Final
 
 from edge_agent.app import Agent, KioskParts, wall_ms
@@ -62,10 +67,13 @@ from edge_agent.config import (
     TelemetrySettings,
     TerminalSettings,
     TlsSettings,
+    parse_config,
+    render_config,
 )
 from edge_agent.errors import AgentError
 from edge_agent.identity import check_identity
 from edge_agent.peripherals import usb_only
+from edge_agent.stopping import sleep_unless_stopped
 from edge_agent.store import AgentStore
 from edge_agent.telemetry import InterfaceReading, NetworkReading, SystemReading
 from edge_agent.usb import SimulatedUsb
@@ -88,6 +96,12 @@ FAULTS: Final = (
     "clock-skew",
 )
 FLAP_EVERY_S: Final = 5.0
+#: A kiosk that cannot start (its database or state directory) tries again after this long.
+RETRY_S: Final = 60.0
+#: A booting kiosk holds its place among those booting at once (``--booting``) until it is
+#: connected, or this long (so a broker out of reach delays the boots, never stops them).
+BOOT_HOLD_S: Final = 10.0
+BOOTING: Final = 100
 
 
 class SimulatedMachine:
@@ -178,8 +192,10 @@ class SimulatedTerminal:
         devices_dir: Path | None,
         down_s: float,
         log: logging.Logger,
+        boot_gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.config = config
+        self._boot_gate = boot_gate or asyncio.Semaphore(1)
         self.id = config.terminal.id
         self._store = store
         self._log = log
@@ -196,6 +212,8 @@ class SimulatedTerminal:
         self.down_s = down_s
         self._power_cut = False
         self.lives = 0
+        #: An agent is running (False while the kiosk is down after a reboot or power cut).
+        self.running = False
 
     def now_ms(self) -> int:
         return wall_ms() + self.skew_ms
@@ -224,30 +242,78 @@ class SimulatedTerminal:
             await self.simulators.aclose()
 
     async def live(self, stopping: asyncio.Event) -> None:
-        """Boot, run, and after a reboot or a power cut boot again, until the fleet stops."""
+        """Boot, run, and after a reboot or a power cut boot again, until the fleet stops.
+
+        One kiosk's failure (its agent raising) is logged and that kiosk boots again after its
+        down time, so one broken simulated kiosk does not end a simulation of thousands.
+        """
         while not stopping.is_set():
             self._life_stopping = asyncio.Event()
             self._power_cut = False
-            self.agent = await asyncio.to_thread(self._new_agent)
-            self.lives += 1
-            life = asyncio.create_task(
-                self.agent.run(self._life_stopping), name=f"life:{self.id}:{self.lives}"
-            )
-            stop = asyncio.create_task(stopping.wait(), name=f"life-stop:{self.id}")
-            down = asyncio.create_task(self._life_stopping.wait(), name=f"life-down:{self.id}")
-            await asyncio.wait({life, stop, down}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            down.cancel()
+            async with self._boot_gate:
+                life = await self._boot()
+                if life is not None:
+                    try:
+                        await self._until_connected(life, stopping)
+                    except asyncio.CancelledError:
+                        life.cancel()
+                        raise
+            if life is None:
+                await sleep_unless_stopped(stopping, RETRY_S)
+                continue
+            await self._until_down(life, stopping)
+            if stopping.is_set():
+                return
+            await sleep_unless_stopped(stopping, self.down_s)
+            self.machine.rebooted()
+
+    async def _boot(self) -> asyncio.Task[None] | None:
+        """A new agent on this kiosk's disk, running; None if it cannot start."""
+        try:
+            agent = await asyncio.to_thread(self._new_agent)
+        except AgentError as exc:
+            self._log.error("%s cannot start: %s; again in %g s", self.id, exc, RETRY_S)
+            return None
+        self.agent = agent
+        self.lives += 1
+        self.running = True
+        return asyncio.create_task(
+            agent.run(self._life_stopping), name=f"life:{self.id}:{self.lives}"
+        )
+
+    async def _until_connected(self, life: asyncio.Task[None], stopping: asyncio.Event) -> None:
+        """While booting: until the agent is connected (or has tried for a while), or its life
+        is over."""
+        assert self.agent is not None
+        await _first_of(
+            life,
+            self.agent.uplink.connected.wait(),
+            stopping.wait(),
+            self._life_stopping.wait(),
+            within_s=BOOT_HOLD_S,
+        )
+
+    async def _until_down(self, life: asyncio.Task[None], stopping: asyncio.Event) -> None:
+        """Until a power cut, a reboot or the end of the simulation has ended ``life``."""
+        try:
+            try:
+                await _first_of(life, stopping.wait(), self._life_stopping.wait())
+            except asyncio.CancelledError:
+                life.cancel()
+                raise
             if self._power_cut:
                 life.cancel()  # no goodbye: the power is gone
             else:
                 self._life_stopping.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await life
-            if stopping.is_set():
-                return
-            await _sleep_unless(stopping, self.down_s)
-            self.machine.rebooted()
+            await life
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # not the power cut: this kiosk itself is being cancelled
+        except Exception:  # noqa: BLE001 - the supervisor of one kiosk: log, boot again
+            self._log.exception("%s: its agent failed; booting it again", self.id)
+        finally:
+            self.running = False
 
     def _new_agent(self) -> Agent:
         return Agent(
@@ -278,9 +344,19 @@ class SimulatedTerminal:
         self._life_stopping.set()
 
 
-async def _sleep_unless(stopping: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), timeout=max(0.0, seconds))
+async def _first_of(
+    life: asyncio.Task[None],
+    *waits: Coroutine[object, object, object],
+    within_s: float | None = None,
+) -> None:
+    """Wait until ``life`` ends, one of ``waits`` returns, or ``within_s`` passes; the waits
+    that did not return are cancelled (``life`` is not: it is the caller's)."""
+    tasks = [asyncio.create_task(w, name="sim-wait") for w in waits]
+    try:
+        await asyncio.wait([life, *tasks], timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class SimulatedFleet:
@@ -311,52 +387,74 @@ class SimulatedFleet:
         return f"{terminal}: " + await handler(t, fault, value)
 
     async def _power_cut(self, t: SimulatedTerminal, _fault: str, value: str | None) -> str:
-        down = _number(value) or 30.0
+        down = _seconds(value, default=30.0)
+        if not t.running:
+            raise ValueError(f"{t.id} is down already (rebooting or without power)")
         t.power_cut(down)
         return f"power cut, back in {down:g} s"
 
     async def _reboot(self, t: SimulatedTerminal, _fault: str, value: str | None) -> str:
         agent = t.agent
-        if agent is None:
-            raise ValueError(f"{t.id} is not running")
-        t.down_s = _number(value) or 20.0  # the simulated reboot command is down this long
+        if agent is None or not t.running:
+            raise ValueError(f"{t.id} is down already (rebooting or without power)")
+        t.down_s = _seconds(value, default=20.0)  # the simulated reboot is down this long
         await agent.operations.reboot("fleet-sim", 0.0, t.down_s)
         return f"planned reboot, back in {t.down_s:g} s"
 
     async def _paper(self, t: SimulatedTerminal, fault: str, _value: str | None) -> str:
         sims = t.simulators
         if sims is None or not sims.printers:
-            raise ValueError(f"{t.id} has no simulated printer (see --real-devices)")
+            raise ValueError(f"{t.id} has no simulated printer (see --profile and --real-devices)")
         sims.printer().state.paper_out = fault == "paper-out"
         return fault
 
     async def _usb(self, t: SimulatedTerminal, fault: str, value: str | None) -> str:
-        if t.usb is None or not value:
-            raise ValueError(f"{fault} needs a USB peripheral of {t.id}'s profile")
+        usb = t.usb
+        if usb is None:
+            raise ValueError(f"{t.id} has no simulated USB peripherals (see --profile)")
+        if not value:
+            names = ", ".join(p.id for p in usb.profile.peripherals if p.usb_ids)
+            raise ValueError(f"{fault} needs the peripheral: one of {names}")
         try:
             if fault == "unplug":
-                t.usb.unplug_peripheral(value)
+                usb.unplug_peripheral(value)
             else:
-                t.usb.plug_peripheral(value)
-        except (KeyError, ValueError, AgentError, BridgeError) as exc:
+                usb.plug_peripheral(value)
+        except AgentError as exc:
             raise ValueError(f"{t.id}: {exc}") from exc
         return f"{value} {fault}ged"
 
     async def _flap(self, t: SimulatedTerminal, _fault: str, value: str | None) -> str:
-        seconds = _number(value) or 60.0
+        seconds = _seconds(value, default=60.0)
         old = self._flaps.pop(t.id, None)
         if old is not None:
             old.cancel()
-        self._flaps[t.id] = asyncio.create_task(_flap(t, seconds), name=f"flap:{t.id}")
+        task = asyncio.create_task(_flap(t, seconds), name=f"flap:{t.id}")
+        self._flaps[t.id] = task
+        task.add_done_callback(lambda done: self._flap_ended(t.id, done))
         return f"network flapping for {seconds:g} s"
 
+    def _flap_ended(self, terminal: str, task: asyncio.Task[None]) -> None:
+        if self._flaps.get(terminal) is task:
+            del self._flaps[terminal]
+
     async def _clock_skew(self, t: SimulatedTerminal, _fault: str, value: str | None) -> str:
+        if value is None:
+            raise ValueError("clock-skew needs the seconds (negative: behind; 0 puts it right)")
         seconds = _number(value)
         t.skew_ms = int(seconds * 1000)
         agent = t.agent
-        if agent is not None and agent.parts.clock_reference is not None:
+        if t.running and agent is not None and agent.parts.clock_reference is not None:
+            # Checked at once, so the fault shows without waiting for --clock-check.
             await agent.check_clock(agent.parts.clock_reference)
         return f"clock off by {seconds:g} s"
+
+    async def close(self) -> None:
+        """End the faults still running (network flapping)."""
+        flaps = list(self._flaps.values())
+        for task in flaps:
+            task.cancel()
+        await asyncio.gather(*flaps, return_exceptions=True)
 
     async def serve_control(self, path: Path) -> asyncio.Server:
         async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -369,7 +467,7 @@ class SimulatedFleet:
                         answer = "ok: " + await self.inject(
                             line[0], line[1], line[2] if len(line) > 2 else None
                         )
-                    except ValueError as exc:
+                    except (ValueError, AgentError, BridgeError) as exc:
                         answer = f"error: {exc}"
                 writer.write(answer.encode() + b"\n")
                 await writer.drain()
@@ -388,13 +486,24 @@ def _valid_id(value: str) -> bool:
     return True
 
 
-def _number(value: str | None) -> float:
-    if value is None:
-        return 0.0
+def _number(value: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    return number
+
+
+def _seconds(value: str | None, *, default: float) -> float:
+    """A duration given to a fault, or its default when none was given."""
+    if value is None:
+        return default
+    seconds = _number(value)
+    if seconds < 0:
+        raise ValueError(f"{value!r}: a duration cannot be negative")
+    return seconds
 
 
 async def _flap(t: SimulatedTerminal, seconds: float) -> None:
@@ -453,6 +562,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debounce", type=float, default=2.0, help="peripheral debounce, seconds")
     p.add_argument("--clock-check", type=float, default=60.0, help="seconds between clock checks")
     p.add_argument("--control", type=Path, help="unix socket for `fleet-sim inject`")
+    p.add_argument(
+        "--booting",
+        type=int,
+        default=BOOTING,
+        help="how many kiosks boot at once: each holds its place until it is connected, or "
+        f"{BOOT_HOLD_S:g} s (default {BOOTING})",
+    )
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
     return p
 
@@ -507,43 +623,87 @@ async def _run(
 ) -> int:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(stopping.set)
+
+    # Not loop.add_signal_handler: that learns of a signal through the loop's self-pipe, which
+    # thousands of agents' worker threads fill when the loop is busy (a connect storm), and a
+    # signal that finds it full is lost: fleet-sim then ignored SIGTERM. A Python handler
+    # always runs, in this thread.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return await _simulate(args, configs, profile, stopping)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+async def _simulate(
+    args: argparse.Namespace,
+    configs: list[AgentConfig],
+    profile: Profile | None,
+    stopping: asyncio.Event,
+) -> int:
+    loop = asyncio.get_running_loop()
+    # Every agent does its file and database work, and aiomqtt its connect (TCP and the TLS
+    # handshake), in the default executor. Its default of a handful of threads makes thousands
+    # of kiosks queue behind each other's fsyncs at start and after a broker restart.
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=_worker_threads(args.booting), thread_name_prefix="sim")
+    )
     log = logging.getLogger("fleet-sim")
     store = await asyncio.to_thread(AgentStore.open, args.state_dir / "fleet-sim.db")
+    boot_gate = asyncio.Semaphore(args.booting)
     terminals = [
         SimulatedTerminal(
             c,
             i,
             store,
             profile=profile,
-            devices_dir=(args.state_dir / c.terminal.id / "dev")
+            devices_dir=args.state_dir / c.terminal.id
             if profile is not None and i < args.real_devices
             else None,
             down_s=30.0,
             log=log,
+            boot_gate=boot_gate,
         )
         for i, c in enumerate(configs)
     ]
+    fleet = SimulatedFleet(terminals)
+    server: asyncio.Server | None = None
     try:
-        for t in terminals:
-            await t.start_devices()
-        fleet = SimulatedFleet(terminals)
-        server = await fleet.serve_control(args.control) if args.control else None
+        try:
+            for t in terminals:
+                await t.start_devices()
+            if args.control:
+                server = await fleet.serve_control(args.control)
+        except (BridgeError, OSError) as exc:
+            print(f"fleet-sim: error: {exc}", file=sys.stderr)
+            return 2
         async with asyncio.TaskGroup() as tg:
             for t in terminals:
                 tg.create_task(t.live(stopping), name=f"kiosk:{t.id}")
             print(
                 f"fleet-sim: {len(terminals)} simulated kiosks running; Ctrl-C to stop", flush=True
             )
+            await stopping.wait()
+            print(f"fleet-sim: stopping {len(terminals)} kiosks ...", flush=True)
+            await fleet.close()
+    finally:
         if server is not None:
             server.close()
             await server.wait_closed()
-    finally:
+            await asyncio.to_thread(args.control.unlink, missing_ok=True)
         for t in terminals:
             await t.close_devices()
         await asyncio.to_thread(store.close)
+    print("fleet-sim: stopped", flush=True)
     return 0
+
+
+def _worker_threads(booting: int) -> int:
+    return max(8, min(32, booting // 4))
 
 
 def _inject(argv: list[str]) -> int:
@@ -551,19 +711,39 @@ def _inject(argv: list[str]) -> int:
 
     async def ask() -> str:
         reader, writer = await asyncio.open_unix_connection(str(args.control))
-        writer.write(f"{args.terminal} {args.fault} {args.value or ''}\n".encode())
-        await writer.drain()
-        answer = (await reader.readline()).decode().strip()
-        writer.close()
-        return answer
+        try:
+            writer.write(f"{args.terminal} {args.fault} {args.value or ''}\n".encode())
+            await writer.drain()
+            return (await reader.readline()).decode("utf-8", "replace").strip()
+        finally:
+            writer.close()
+            await writer.wait_closed()
 
     try:
         answer = asyncio.run(ask())
     except OSError as exc:
-        print(f"fleet-sim inject: error: {args.control}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"fleet-sim inject: error: {args.control}: {exc.strerror}; is fleet-sim running "
+            "with this --control?",
+            file=sys.stderr,
+        )
         return 2
-    print(answer)
-    return 0 if answer.startswith("ok") else 1
+    if answer.startswith("ok: "):
+        print(answer.removeprefix("ok: "))
+        return 0
+    print(f"fleet-sim inject: {answer or 'error: no answer from the simulation'}", file=sys.stderr)
+    return 1
+
+
+def _check_identities(configs: list[AgentConfig]) -> None:
+    """Every kiosk's identity, checked before the first connection, so a missing or unsafe
+    file stops the simulation with its name instead of one kiosk retrying forever."""
+    if len(configs) > 100:
+        print(f"fleet-sim: checking {len(configs)} identities ...", flush=True)
+    # The checks parse certificates and build TLS contexts; threads overlap the file reads.
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="identity") as pool:
+        for _ in pool.map(check_identity, configs):
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,16 +751,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["inject"]:
         return _inject(argv[1:])
     args = _parser().parse_args(argv)
-    if args.terminals < 1:
-        print("fleet-sim: error: --terminals must be at least 1", file=sys.stderr)
-        return 2
+    for name in ("terminals", "booting"):
+        if getattr(args, name) < 1:
+            print(f"fleet-sim: error: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    # Absolute, so the simulators' device paths and the agents' files do not depend on where
+    # the process happens to be.
+    args.state_dir = args.state_dir.absolute()
+    args.tls_dir = args.tls_dir.absolute()
     try:
         configs = build_configs(args)
+        # Records built in code skip the checks a config file gets; the options are the same
+        # for every kiosk, so one round trip through the parser checks them all.
+        parse_config(render_config(configs[0]).encode(), "fleet-sim options")
         profile = load_profile(args.profile) if args.profile else None
-        # Every identity is checked before the first connection, so a missing or unsafe file
-        # stops the simulation with its name instead of one kiosk retrying forever.
-        for config in configs:
-            check_identity(config)
+        _check_identities(configs)
     except (InvalidId, AgentError, BridgeError) as exc:
         print(f"fleet-sim: error: {exc}", file=sys.stderr)
         return 2
