@@ -25,7 +25,7 @@ import pytest
 from fleet_protocol.codec import decode
 from fleet_protocol.messages import Event, Peripherals, PeripheralStatus, State
 from provisioning.authority import FleetAuthority
-from provisioning.stack import StackInfo
+from provisioning.stack import StackInfo, running_stack
 from tests.integration.fleet import (
     BIN,
     Proc,
@@ -84,7 +84,7 @@ class Observer:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(20)
         if self._failure is not None:
@@ -284,7 +284,16 @@ class Sim:
 
 
 @pytest.fixture(scope="module")
-def sim(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+def sim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    """A stack of this module's own: faults injected by the hundred (dropped sockets, session
+    takeovers) stay on a broker no other test uses."""
+    with running_stack(tmp_path_factory.mktemp("sim-stack") / "stack") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def sim(sim_stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    stack = sim_stack
     workdir = tmp_path_factory.mktemp("fleet-sim")
     prefix = f"fs{uuid.uuid4().hex[:6]}"
     server = start_server(stack, workdir)
@@ -304,8 +313,10 @@ def sim(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield sim
     finally:
         code = proc.stop(timeout=30)
-        observer.stop()
-        server.stop()
+        try:
+            observer.stop()
+        finally:
+            server.stop()
         assert code == 0, f"fleet-sim exited {code}" + sim.log_tail()
 
 
@@ -523,8 +534,9 @@ def test_an_injection_fleet_sim_cannot_do_is_refused_with_the_reason(sim: Sim) -
 
 
 def test_sigterm_stops_every_kiosk_with_a_retained_shutdown(
-    stack: StackInfo, tmp_path: Path
+    sim_stack: StackInfo, tmp_path: Path
 ) -> None:
+    stack = sim_stack
     prefix = f"fx{uuid.uuid4().hex[:6]}"
     observer = Observer(stack, prefix).start()
     proc, _ = start_sim(
