@@ -139,6 +139,9 @@ def _stop_broker(info: stack.StackInfo, how: signal.Signals) -> None:
     eventually(stopped, timeout=15)
 
 
+# A minute of outage is the point of the test; the suite's 120 s per-test bound leaves too
+# little room for the rest on a loaded machine (a timeout firing mid-report breaks pytest).
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 def test_a_minute_without_broker_loses_no_sample_and_keeps_its_timestamps(
     own_stack: stack.StackInfo, tmp_path: Path, how: signal.Signals
