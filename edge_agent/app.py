@@ -39,7 +39,7 @@ from edge_agent.identity import Identity, load_identity, new_key, read_ca, store
 from edge_agent.journal import Journal
 from edge_agent.mqtt_uplink import IncomingCommand, MqttUplink
 from edge_agent.operations import MachineCommands, Operations
-from edge_agent.outbox import OutboxLimits, Outgoing, Priority
+from edge_agent.outbox import Outgoing, Priority
 from edge_agent.peripheral_monitor import PeripheralMonitor
 from edge_agent.peripherals import PeripheralBook, PeripheralChange
 from edge_agent.session import next_session
@@ -138,13 +138,7 @@ class Agent:
         tid = config.terminal.id
         self._log = logger or logging.getLogger(f"kiosk-agent.{tid}")
         ocfg = config.outbox
-        self.outbox = parts.store.outbox(
-            tid,
-            OutboxLimits(
-                max_bytes=int(ocfg.max_mb * 1024 * 1024),
-                max_age_ms=int(ocfg.max_age_days * 86_400_000),
-            ),
-        )
+        self.outbox = parts.store.outbox(tid, ocfg.limits)
         # One numbering per kind of sample, so each measurement's series has no gaps unless a
         # sample was really lost.
         self._seq_system = parts.store.sequence(tid, "samples.system")

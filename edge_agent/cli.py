@@ -48,7 +48,6 @@ from edge_agent.identity import (
     write_file_atomically,
 )
 from edge_agent.logbook import RecentLog
-from edge_agent.outbox import OutboxLimits
 from edge_agent.status_page.staff import hash_passcode
 from edge_agent.status_page.web import StatusPageError, make_app, running
 from edge_agent.store import AgentStore
@@ -242,11 +241,7 @@ def _status(config: AgentConfig, *, as_json: bool) -> int:
         return 2
     store = AgentStore.open(path)
     try:
-        ocfg = config.outbox
-        outbox = store.outbox(
-            config.terminal.id,
-            OutboxLimits(int(ocfg.max_mb * 1024 * 1024), int(ocfg.max_age_days * 86_400_000)),
-        )
+        outbox = store.outbox(config.terminal.id, config.outbox.limits)
         report = {
             "terminal": config.terminal.id,
             "database": str(path),

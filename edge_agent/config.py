@@ -67,6 +67,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from edge_agent.errors import AgentConfigError
+from edge_agent.outbox import OutboxLimits
 from edge_agent.status_page.staff import StatusPageSettings
 from edge_agent.system_commands import SystemCommandSettings
 from fleet_protocol.ids import SiteIdField, TerminalIdField
@@ -152,6 +153,13 @@ class OutboxSettings(_Section, frozen=True, kw_only=True):
     replay_rate: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 50.0
     #: "normal": survives the agent being killed; "full": also the last second of a power cut.
     synchronous: Literal["normal", "full"] = "normal"
+
+    @property
+    def limits(self) -> OutboxLimits:
+        return OutboxLimits(
+            max_bytes=int(self.max_mb * 1024 * 1024),
+            max_age_ms=int(self.max_age_days * 86_400_000),
+        )
 
 
 class PeripheralSettings(_Section, frozen=True, kw_only=True):
