@@ -232,17 +232,17 @@ def _outbox_seqs(database: Path) -> tuple[str, dict[str, set[int]]]:
 
 
 def test_an_agent_killed_again_and_again_keeps_every_sample_it_wrote(
-    stack: stack.StackInfo, tmp_path: Path
+    own_stack: stack.StackInfo, tmp_path: Path
 ) -> None:
     terminal = "tinglin-cun-07"
     seed = random.randrange(2**32)
     chance = random.Random(seed)
-    server = start_server(stack, tmp_path)
+    server = start_server(own_stack, tmp_path)
     config = write_agent_config(
         tmp_path / "agent.toml",
         terminal=terminal,
         site=SITE,
-        stack=stack,
+        stack=own_stack,
         state_dir=tmp_path / "state",
         interval_s=0.2,
         batch_size=2,
@@ -267,7 +267,7 @@ def test_an_agent_killed_again_and_again_keeps_every_sample_it_wrote(
             for kind in KINDS:
                 missing = set(wrote[kind]) - waiting[kind]
                 eventually(
-                    lambda k=kind, m=missing: m <= stored(stack, server, terminal, k),  # type: ignore[misc]
+                    lambda k=kind, m=missing: m <= stored(own_stack, server, terminal, k),  # type: ignore[misc]
                     timeout=20,
                 )
 
@@ -278,12 +278,14 @@ def test_an_agent_killed_again_and_again_keeps_every_sample_it_wrote(
         wrote = logged(*(r.output() for r in runs))
 
         def delivered() -> bool:
-            return all(set(wrote[k]) <= stored(stack, server, terminal, k) for k in KINDS)
+            return all(set(wrote[k]) <= stored(own_stack, server, terminal, k) for k in KINDS)
 
         try:
             eventually(delivered, timeout=30, every=0.5)
         except AssertionError:
-            lost = {k: sorted(set(wrote[k]) - stored(stack, server, terminal, k)) for k in KINDS}
+            lost = {
+                k: sorted(set(wrote[k]) - stored(own_stack, server, terminal, k)) for k in KINDS
+            }
             raise AssertionError(f"seed {seed}: logged as written, never stored: {lost}") from None
         # Gaps between runs are expected (numbers are reserved in blocks); a repeat is not.
         for kind in KINDS:
