@@ -40,7 +40,7 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +197,18 @@ def default_actor() -> str:
         return f"fleetctl:{getpass.getuser()}"
     except OSError:  # no user name for this uid (containers)
         return f"fleetctl:uid={os.getuid()}"
+
+
+def new_token_secret(draw: Callable[[int], str] = secrets.token_urlsafe) -> str:
+    """192 random bits in URL-safe base64, never starting with ``-``.
+
+    Ops paste the token into ``kiosk-agent enroll --token TOKEN``; a token starting with a
+    dash would be read as an option there (one in 64 would), so such draws are discarded.
+    """
+    while True:
+        secret = draw(24)
+        if not secret.startswith("-"):
+            return secret
 
 
 def token_hash(secret: str) -> str:
@@ -529,7 +541,7 @@ class FleetAuthority:
         ttl = ttl if ttl is not None else dt.timedelta(seconds=self.settings.token_ttl_s)
         if ttl <= dt.timedelta(0):
             raise EnrolmentRefused("bad-ttl", "the token's lifetime must be positive")
-        secret = secrets.token_urlsafe(24)
+        secret = new_token_secret()
         expires = now + ttl
         with self._transaction() as db:
             replaced = db.execute(

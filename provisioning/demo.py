@@ -142,7 +142,7 @@ def _enrol_agent(
             str(bin_dir / "kiosk-agent"), "enroll",
             "--server", enrol_url,
             "--terminal", terminal,
-            "--token", token.secret,
+            f"--token={token.secret}",
             "--ca-fingerprint", token.ca_fingerprint,
             "--config", str(config),
             "--state-dir", str(workdir / "agents" / terminal),

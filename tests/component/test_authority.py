@@ -16,6 +16,7 @@ from provisioning.authority import (
     FleetAuthority,
     PkiSettings,
     init_pki,
+    new_token_secret,
 )
 from provisioning.errors import EnrolmentRefused, PkiExists
 
@@ -279,3 +280,11 @@ def test_a_newer_token_withdraws_the_older_unspent_one(authority: FleetAuthority
 def test_the_token_secret_stays_out_of_its_repr(authority: FleetAuthority) -> None:
     token = authority.create_token("zj-12", "zj-dqzx", actor="ops", now=T0)
     assert token.secret not in repr(token)
+
+
+def test_a_token_never_starts_with_a_dash_so_the_printed_enrol_command_parses() -> None:
+    # One urlsafe draw in 64 starts with "-"; `kiosk-agent enroll --token -x...` would then
+    # stop with "expected one argument" in front of the person enrolling the kiosk.
+    draws = iter(["-starts-with-a-dash", "-again", "Kq3-usable_token"])
+    assert new_token_secret(lambda _n: next(draws)) == "Kq3-usable_token"
+    assert not any(new_token_secret().startswith("-") for _ in range(2000))
