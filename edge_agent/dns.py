@@ -85,7 +85,8 @@ class DnsProbe:
         ).start()
         self._pending, self._pending_since = lookup, started
         try:
-            await asyncio.wait_for(asyncio.shield(lookup), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):  # not wait_for: see stopping.py
+                await asyncio.shield(lookup)
         except (OSError, UnicodeError, TimeoutError):
             # gaierror is an OSError; an unencodable name is a UnicodeError.
             return Resolution(False, _ms_since(started))

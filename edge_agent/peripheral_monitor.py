@@ -232,7 +232,8 @@ class PeripheralMonitor:
 
     async def _woken(self, timeout_s: float | None) -> None:
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see stopping.py
+                await self._wake.wait()
         except TimeoutError:
             return
         self._wake.clear()

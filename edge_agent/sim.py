@@ -211,6 +211,7 @@ class SimulatedTerminal:
         self._life_stopping = asyncio.Event()
         self.down_s = down_s
         self._power_cut = False
+        self._life: asyncio.Task[None] | None = None
         self.lives = 0
         #: An agent is running (False while the kiosk is down after a reboot or power cut).
         self.running = False
@@ -277,9 +278,10 @@ class SimulatedTerminal:
         self.agent = agent
         self.lives += 1
         self.running = True
-        return asyncio.create_task(
+        self._life = asyncio.create_task(
             agent.run(self._life_stopping), name=f"life:{self.id}:{self.lives}"
         )
+        return self._life
 
     async def _until_connected(self, life: asyncio.Task[None], stopping: asyncio.Event) -> None:
         """While booting: until the agent is connected (or has tried for a while), or its life
@@ -310,6 +312,8 @@ class SimulatedTerminal:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # not the power cut: this kiosk itself is being cancelled
+            if not self._power_cut:
+                self._log.error("%s: its agent was cancelled without a power cut", self.id)
         except Exception:  # noqa: BLE001 - the supervisor of one kiosk: log, boot again
             self._log.exception("%s: its agent failed; booting it again", self.id)
         finally:
@@ -341,7 +345,12 @@ class SimulatedTerminal:
         self._power_cut = True
         if self.agent is not None:
             self.agent.uplink.cut_link()
-        self._life_stopping.set()
+        # The agent is cancelled, never asked to stop: a stop request would run its orderly
+        # shutdown (flush, "shutdown" state), which a kiosk without power does not get to do.
+        if self._life is not None and not self._life.done():
+            self._life.cancel()
+        else:
+            self._life_stopping.set()
 
 
 async def _first_of(

@@ -8,5 +8,8 @@ import contextlib
 
 async def sleep_unless_stopped(stopping: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds``, or less if ``stopping`` is set meanwhile."""
+    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that arrives as
+    # the event is set (gh-86296), and the cancelled task would then carry on.
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), timeout=max(0.0, seconds))
+        async with asyncio.timeout(max(0.0, seconds)):
+            await stopping.wait()
