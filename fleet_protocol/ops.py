@@ -10,6 +10,8 @@ from fleet_protocol.ids import SiteIdField, TerminalIdField
 from fleet_protocol.messages import Millis, OfflineReason, ShortText
 
 TerminalStatus = Literal["online", "offline", "unknown"]
+#: The server's presence table: finer than online/offline (see fleet_server.presence_table).
+PresenceStatus = Literal["unknown", "online", "stale", "offline", "planned", "flapping"]
 
 
 class TerminalView(msgspec.Struct, frozen=True, kw_only=True):
@@ -24,7 +26,37 @@ class TerminalView(msgspec.Struct, frozen=True, kw_only=True):
     since_ms: Millis | None = None
     last_seen_ms: Millis | None = None
     agent_version: ShortText | None = None
+    presence: PresenceStatus | None = None
 
 
 class TerminalList(msgspec.Struct, frozen=True, kw_only=True):
     terminals: list[TerminalView]
+
+
+class AlertEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One alert decision: sent, suppressed (and why), reminded, escalated, acknowledged,
+    resolved."""
+
+    key: str
+    alert_id: str
+    action: str
+    at_ms: Millis
+    kind: str
+    subject: str
+    site: str | None = None
+    district: str
+    reason: str | None = None
+    recipients: list[str] = []
+
+
+class AlertLog(msgspec.Struct, frozen=True, kw_only=True):
+    entries: list[AlertEntry]
+
+
+class SitesImported(msgspec.Struct, frozen=True, kw_only=True):
+    added: int
+    updated: int
+
+
+class AckRequest(msgspec.Struct, frozen=True, kw_only=True):
+    who: ShortText

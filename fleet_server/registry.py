@@ -1,4 +1,4 @@
-"""Adapter: the terminal registry in SQLite (WAL), the only module that imports aiosqlite.
+"""Adapter: the terminal registry in SQLite (WAL): sites, terminals, the alerting engines' state.
 
 Several server processes may share one registry file; every read-modify-write runs inside
 ``BEGIN IMMEDIATE`` so presence decisions are serialised by SQLite itself.
@@ -9,21 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, get_args
 
 import aiosqlite
+import msgspec
 
 from fleet_protocol.ids import SiteId, TerminalId
 from fleet_protocol.messages import OfflineReason, State
-from fleet_protocol.ops import TerminalView
+from fleet_protocol.ops import PresenceStatus, TerminalView
+from fleet_protocol.sites import Site
 from fleet_server.errors import RegistryError
 from fleet_server.presence import Presence, apply_state
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _MIGRATIONS: Final[dict[int, str]] = {
     1: """
@@ -45,6 +47,46 @@ _MIGRATIONS: Final[dict[int, str]] = {
             agent_version   TEXT
         );
         CREATE INDEX terminals_site ON terminals(site);
+    """,
+    2: """
+        -- The whole site as imported (fleet_protocol.sites.Site, JSON): owners, hours, calendar.
+        ALTER TABLE sites ADD COLUMN doc TEXT;
+        -- The presence table's status (online, stale, offline, planned, flapping).
+        ALTER TABLE terminals ADD COLUMN status TEXT;
+        -- Snapshots of the single-writer engines (presence table, alert policy).
+        CREATE TABLE engine_state (
+            name      TEXT PRIMARY KEY,
+            doc       BLOB NOT NULL,
+            saved_ms  INTEGER NOT NULL
+        );
+        -- Who runs the engines: one holder among the server processes sharing this file.
+        CREATE TABLE leases (
+            name        TEXT PRIMARY KEY,
+            holder      TEXT NOT NULL,
+            expires_ms  INTEGER NOT NULL
+        );
+        -- Every alert decision, once: sent, suppressed, reminded, escalated, acknowledged,
+        -- resolved. The key is the engine's decision key, so a replay inserts nothing.
+        CREATE TABLE alert_log (
+            key         TEXT PRIMARY KEY,
+            alert_id    TEXT NOT NULL,
+            action      TEXT NOT NULL,
+            at_ms       INTEGER NOT NULL,
+            kind        TEXT NOT NULL,
+            subject     TEXT NOT NULL,
+            site        TEXT,
+            district    TEXT NOT NULL,
+            reason      TEXT,
+            recipients  TEXT NOT NULL
+        );
+        CREATE INDEX alert_log_alert ON alert_log(alert_id, at_ms);
+        -- Acknowledgements asked for (ops API, e-mail link) until the engine has taken them.
+        CREATE TABLE alert_acks (
+            alert_id  TEXT NOT NULL,
+            who       TEXT NOT NULL,
+            at_ms     INTEGER NOT NULL,
+            taken     INTEGER NOT NULL DEFAULT 0
+        );
     """,
 }
 
@@ -223,7 +265,7 @@ class Registry:
         try:
             async with self.db.execute(
                 "SELECT t.id, t.online, t.site, s.name, s.town, s.district, t.reason, "
-                "t.session, t.since_ms, t.last_seen_ms, t.agent_version "
+                "t.session, t.since_ms, t.last_seen_ms, t.agent_version, t.status "
                 "FROM terminals t LEFT JOIN sites s ON s.id = t.site ORDER BY t.id"
             ) as cur:
                 rows = await cur.fetchall()
@@ -242,9 +284,219 @@ class Registry:
                 since_ms=r[8],
                 last_seen_ms=r[9],
                 agent_version=r[10],
+                presence=r[11] if r[11] in _PRESENCE else None,
             )
             for r in rows
         ]
+
+    # --- sites, as imported -------------------------------------------------------------
+
+    async def import_sites(self, sites: Sequence[Site]) -> tuple[int, int]:
+        """Store whole sites (replacing those with the same id); returns (added, updated)."""
+        rows = [(s.id, s.name, s.town, s.district, msgspec.json.encode(s).decode()) for s in sites]
+        try:
+            async with self._transaction() as db:
+                async with db.execute("SELECT id FROM sites") as cur:
+                    known = {r[0] for r in await cur.fetchall()}
+                await db.executemany(
+                    "INSERT INTO sites(id, name, town, district, doc) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET name=excluded.name, town=excluded.town, "
+                    "district=excluded.district, doc=excluded.doc",
+                    rows,
+                )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot store sites: {exc}") from exc
+        updated = sum(1 for s in sites if s.id in known)
+        return len(sites) - updated, updated
+
+    async def sites(self) -> list[Site]:
+        """Every site imported with its owners and hours (sites only named in the server's
+        config have no schedule and no owners, and are left out)."""
+        try:
+            async with self.db.execute(
+                "SELECT doc FROM sites WHERE doc IS NOT NULL ORDER BY id"
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot read sites: {exc}") from exc
+        return [msgspec.json.decode(r[0], type=Site) for r in rows]
+
+    async def site_terminals(self) -> dict[str, str]:
+        """terminal -> site, for every terminal placed at a site."""
+        try:
+            async with self.db.execute(
+                "SELECT id, site FROM terminals WHERE site IS NOT NULL"
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot read placements: {exc}") from exc
+        return {r[0]: r[1] for r in rows}
+
+    async def last_seen(self) -> dict[str, int]:
+        try:
+            async with self.db.execute(
+                "SELECT id, last_seen_ms FROM terminals WHERE last_seen_ms IS NOT NULL"
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot read last-seen times: {exc}") from exc
+        return {r[0]: int(r[1]) for r in rows}
+
+    # --- the engines: one holder, their snapshots and decisions ---------------------------
+
+    async def hold_lease(self, name: str, holder: str, now_ms: int, ttl_ms: int) -> bool:
+        """Take or keep the lease ``name``; True while ``holder`` has it. Every process sharing
+        the file asks; the one whose lease has not expired keeps it."""
+        try:
+            async with self._transaction() as db:
+                await db.execute(
+                    "INSERT INTO leases(name, holder, expires_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, "
+                    "expires_ms=excluded.expires_ms "
+                    "WHERE leases.holder = excluded.holder OR leases.expires_ms < ?",
+                    (name, holder, now_ms + ttl_ms, now_ms),
+                )
+                async with db.execute("SELECT holder FROM leases WHERE name = ?", (name,)) as cur:
+                    row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot take the {name} lease: {exc}") from exc
+        return row is not None and row[0] == holder
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        try:
+            async with self._transaction() as db:
+                await db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot release the {name} lease: {exc}") from exc
+
+    async def engine_state(self, name: str) -> bytes | None:
+        try:
+            async with self.db.execute(
+                "SELECT doc FROM engine_state WHERE name = ?", (name,)
+            ) as cur:
+                row = await cur.fetchone()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot read the {name} state: {exc}") from exc
+        return bytes(row[0]) if row is not None else None
+
+    async def save_engines(
+        self,
+        states: Mapping[str, bytes],
+        statuses: Mapping[str, str],
+        log: Sequence[AlertLogEntry],
+        now_ms: int,
+    ) -> list[str]:
+        """In one transaction: the engines' snapshots, the terminals' presence statuses and
+        the decisions; returns the keys of the decisions that were new (to be mailed)."""
+        try:
+            async with self._transaction() as db:
+                await db.executemany(
+                    "INSERT INTO engine_state(name, doc, saved_ms) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET doc=excluded.doc, saved_ms=excluded.saved_ms",
+                    [(n, d, now_ms) for n, d in states.items()],
+                )
+                await db.executemany(
+                    "INSERT INTO terminals(id, status) VALUES (?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET status=excluded.status",
+                    list(statuses.items()),
+                )
+                new: list[str] = []
+                for e in log:
+                    cur = await db.execute(
+                        "INSERT OR IGNORE INTO alert_log(key, alert_id, action, at_ms, kind, "
+                        "subject, site, district, reason, recipients) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            e.key,
+                            e.alert_id,
+                            e.action,
+                            e.at_ms,
+                            e.kind,
+                            e.subject,
+                            e.site,
+                            e.district,
+                            e.reason,
+                            " ".join(e.recipients),
+                        ),
+                    )
+                    if cur.rowcount:
+                        new.append(e.key)
+                    await cur.close()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot save the alerting state: {exc}") from exc
+        return new
+
+    async def alert_log(self, limit: int = 500) -> list[AlertLogEntry]:
+        """The newest decisions first."""
+        try:
+            async with self.db.execute(
+                "SELECT key, alert_id, action, at_ms, kind, subject, site, district, reason, "
+                "recipients FROM alert_log ORDER BY at_ms DESC, key LIMIT ?",
+                (limit,),
+            ) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot read the alert log: {exc}") from exc
+        return [
+            AlertLogEntry(
+                key=r[0],
+                alert_id=r[1],
+                action=r[2],
+                at_ms=r[3],
+                kind=r[4],
+                subject=r[5],
+                site=r[6],
+                district=r[7],
+                reason=r[8],
+                recipients=tuple(r[9].split()) if r[9] else (),
+            )
+            for r in rows
+        ]
+
+    async def ask_ack(self, alert_id: str, who: str, now_ms: int) -> None:
+        try:
+            async with self._transaction() as db:
+                await db.execute(
+                    "INSERT INTO alert_acks(alert_id, who, at_ms) VALUES (?, ?, ?)",
+                    (alert_id, who, now_ms),
+                )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot record the acknowledgement: {exc}") from exc
+
+    async def take_acks(self) -> list[tuple[str, str, int]]:
+        """Acknowledgements not yet taken by the engine: (alert id, who, when)."""
+        try:
+            async with self._transaction() as db:
+                async with db.execute(
+                    "SELECT rowid, alert_id, who, at_ms FROM alert_acks WHERE taken = 0 "
+                    "ORDER BY rowid"
+                ) as cur:
+                    rows = await cur.fetchall()
+                await db.executemany(
+                    "UPDATE alert_acks SET taken = 1 WHERE rowid = ?", [(r[0],) for r in rows]
+                )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot read acknowledgements: {exc}") from exc
+        return [(r[1], r[2], int(r[3])) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertLogEntry:
+    """One alert decision as stored and shown (``fleetctl alerts list``)."""
+
+    key: str
+    alert_id: str
+    action: str
+    at_ms: int
+    kind: str
+    subject: str
+    site: str | None
+    district: str
+    reason: str | None
+    recipients: tuple[str, ...]
+
+
+_PRESENCE: Final = frozenset(get_args(PresenceStatus))
 
 
 def _presence(row: sqlite3.Row) -> Presence | None:

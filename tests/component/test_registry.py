@@ -12,7 +12,7 @@ import pytest
 
 from fleet_protocol import State, TerminalId, site_id, terminal_id
 from fleet_server.errors import RegistryError
-from fleet_server.registry import SCHEMA_VERSION, Registry, SiteRecord
+from fleet_server.registry import SCHEMA_VERSION, AlertLogEntry, Registry, SiteRecord
 
 NOW = 1_732_190_400_000
 KIOSK = terminal_id("kiosk-pd-001")
@@ -45,7 +45,7 @@ async def test_migrating_twice_changes_nothing(tmp_path: Path) -> None:
 
     # Another process starting on the same file later.
     async with Registry(path) as registry:
-        assert await registry.migrate() == (1, 1)
+        assert await registry.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
         [view] = await registry.terminals()
         assert (view.id, view.status, view.session, view.town) == (KIOSK, "online", 3, SITE.town)
 
@@ -183,3 +183,46 @@ async def test_state_and_last_seen_updates_from_concurrent_tasks_of_one_process(
         views = {v.id: v for v in await registry.terminals()}
         assert (views[KIOSK].status, views[KIOSK].session) == ("online", sessions)
         assert (views[other].status, views[other].last_seen_ms) == ("unknown", NOW + sessions)
+
+
+@pytest.mark.asyncio
+async def test_one_holder_keeps_the_alerting_lease_until_it_lapses(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    async with Registry(path) as a, Registry(path) as b:
+        await a.migrate()
+        assert await a.hold_lease("alerting", "server-a", NOW, 15_000)
+        assert not await b.hold_lease("alerting", "server-b", NOW + 1_000, 15_000)
+        assert await a.hold_lease("alerting", "server-a", NOW + 10_000, 15_000)  # renewed
+        assert not await b.hold_lease("alerting", "server-b", NOW + 20_000, 15_000)
+        # server-a stops renewing (it died): server-b takes over once the lease lapsed.
+        assert await b.hold_lease("alerting", "server-b", NOW + 26_000, 15_000)
+        assert not await a.hold_lease("alerting", "server-a", NOW + 27_000, 15_000)
+        await b.release_lease("alerting", "server-b")
+        assert await a.hold_lease("alerting", "server-a", NOW + 28_000, 15_000)
+
+
+@pytest.mark.asyncio
+async def test_a_decision_is_stored_once_and_reported_new_once(tmp_path: Path) -> None:
+    entry = AlertLogEntry(
+        key="terminal-offline:kiosk-01:1/sent",
+        alert_id="terminal-offline:kiosk-01:1",
+        action="sent",
+        at_ms=NOW,
+        kind="terminal-offline",
+        subject="kiosk-01",
+        site="site-01",
+        district="金山区",
+        reason=None,
+        recipients=("wang@example.gov.cn",),
+    )
+    async with Registry(tmp_path / "registry.db") as registry:
+        await registry.migrate()
+        first = await registry.save_engines(
+            {"alerts": b"{}"}, {"kiosk-01": "offline"}, [entry], NOW
+        )
+        again = await registry.save_engines({"alerts": b"{}"}, {}, [entry], NOW + 1)
+        assert (first, again) == ([entry.key], [])
+        assert await registry.alert_log() == [entry]
+        assert await registry.engine_state("alerts") == b"{}"
+        [view] = await registry.terminals()
+        assert view.presence == "offline"
