@@ -10,8 +10,8 @@ Layout, so that a new command group (``terminals``, ``demo``, ...) is three smal
   :class:`~provisioning.errors.ProvisioningError` into one ``fleetctl: error: ...`` message on
   stderr and exit status 2, without a traceback.
 
-Exit status: 0 success, 1 ``stack status`` found something not running, 2 usage or user error,
-130 interrupted.
+Exit status: 0 success, 1 ``stack status`` found something not running or ``sites import``
+found problems in the file, 2 usage or user error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,20 +21,33 @@ import shlex
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Final, TextIO, TypeAlias
+from zoneinfo import ZoneInfo
 
+from fleet_protocol.ops import AlertEntry
+from fleet_protocol.site_import import SitesFileError, parse_sites
+from fleet_protocol.sites import DAY_NAMES, Schedule, Site
 from provisioning import demo, ops_client, pki_commands, stack
+from provisioning.authority import default_actor
 from provisioning.errors import InvalidSettings, ProvisioningError
 
 PROG: Final = "fleetctl"
 EXIT_OK: Final = 0
 EXIT_NOT_RUNNING: Final = 1
+EXIT_FILE_PROBLEMS: Final = 1
 EXIT_USER_ERROR: Final = 2
 EXIT_INTERRUPTED: Final = 130
 
 DEFAULT_WORKDIR: Final = Path(".fleet-stack")
+DEFAULT_ALERTS: Final = 50
+MAX_ALERTS: Final = 5000
+#: How many alert log entries ``alerts ack`` looks through for the id.
+ACK_LOOKBACK: Final = 1000
+#: Alert times are shown as the district reads its clocks.
+LOCAL_ZONE: Final = ZoneInfo("Asia/Shanghai")
 
 Command = Callable[[argparse.Namespace, TextIO], int]
 _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # noqa: SLF001 -- argparse has no public name for what add_subparsers() returns
@@ -131,16 +144,119 @@ def _add_terminals_commands(subparsers: _Subparsers) -> None:
         help="every terminal with its status (online/offline) and when it was last seen",
         description="List every terminal with status, site and last seen time.",
     )
-    listing.add_argument(
+    _server_option(listing)
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.set_defaults(command="terminals list")
+    pki_commands.add_revoke_command(actions)
+
+
+def _server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--server",
         default=ops_client.default_server(),
         metavar="URL",
         help=f"the fleet server's ops API (default: ${ops_client.SERVER_ENV} "
         f"or {ops_client.DEFAULT_SERVER})",
     )
-    listing.add_argument("--json", action="store_true", help="print the list as JSON")
-    listing.set_defaults(command="terminals list")
-    pki_commands.add_revoke_command(actions)
+
+
+def _alert_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= count <= MAX_ALERTS:
+        raise argparse.ArgumentTypeError(f"{count} is not in 1..{MAX_ALERTS}")
+    return count
+
+
+def _add_sites_commands(subparsers: _Subparsers) -> None:
+    group = subparsers.add_parser(
+        "sites",
+        help="sites (点位): where terminals stand, who answers for them, when they are open",
+        description="Import sites from a CSV or TOML file, and show the sites the fleet "
+        "server knows. Owners are e-mailed when a terminal of their site drops offline "
+        "during its opening hours.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="{import,list,show}")
+    importing = actions.add_parser(
+        "import",
+        help="check a sites file and store its sites on the fleet server",
+        description="Check FILE here and list every problem with its line and field; when "
+        "there is none, send the sites to the fleet server, which adds new ids and replaces "
+        "the sites whose id it already has. Nothing is sent while any problem is left.",
+    )
+    importing.add_argument(
+        "file",
+        type=Path,
+        metavar="FILE",
+        help="a .csv (UTF-8 or GB18030, as Excel saves it) or .toml sites file",
+    )
+    importing.add_argument(
+        "--dry-run", action="store_true", help="only check the file; send nothing"
+    )
+    importing.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _server_option(importing)
+    importing.set_defaults(command="sites import")
+
+    listing = actions.add_parser(
+        "list",
+        help="every site: name, district/town, kind, today's hours, owners",
+        description="List the sites imported on the fleet server.",
+    )
+    listing.add_argument("--json", action="store_true", help="print the sites as JSON")
+    _server_option(listing)
+    listing.set_defaults(command="sites list")
+
+    show = actions.add_parser(
+        "show",
+        help="one site in full: owners, weekly hours, closed and make-up days, grace",
+        description="Show everything the fleet server has about one site.",
+    )
+    show.add_argument("id", metavar="ID", help="the site id, as `sites list` shows it")
+    show.add_argument("--json", action="store_true", help="print the site as JSON")
+    _server_option(show)
+    show.set_defaults(command="sites show")
+
+
+def _add_alerts_commands(subparsers: _Subparsers) -> None:
+    group = subparsers.add_parser(
+        "alerts",
+        help="the alert log (what was sent, held back, escalated, resolved) and acknowledgements",
+        description="Read the fleet server's alert decisions and acknowledge alerts.",
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="{list,ack}")
+    listing = actions.add_parser(
+        "list",
+        help="the newest alert decisions first",
+        description="List alert decisions, newest first, with the alert id to acknowledge.",
+    )
+    listing.add_argument(
+        "--limit",
+        type=_alert_count,
+        default=DEFAULT_ALERTS,
+        metavar="N",
+        help=f"how many entries (default {DEFAULT_ALERTS}, at most {MAX_ALERTS})",
+    )
+    listing.add_argument("--json", action="store_true", help="print the entries as JSON")
+    _server_option(listing)
+    listing.set_defaults(command="alerts list")
+
+    ack = actions.add_parser(
+        "ack",
+        help="acknowledge an alert: no more reminders, no escalation",
+        description="Acknowledge an alert, as an owner's e-mail link does: reminders and "
+        "escalation to district ops stop; the recovery notice is still sent. The alerting "
+        "engine applies it within seconds.",
+    )
+    ack.add_argument("alert_id", metavar="ALERT_ID", help="the alert id, as `alerts list` shows")
+    ack.add_argument(
+        "--who",
+        metavar="NAME",
+        help="who acknowledges, for the alert log (default: fleetctl:<your user name>)",
+    )
+    _server_option(ack)
+    ack.set_defaults(command="alerts ack")
 
 
 def _add_demo_commands(subparsers: _Subparsers) -> None:
@@ -178,6 +294,8 @@ def _add_demo_commands(subparsers: _Subparsers) -> None:
 _GROUPS: Final[Sequence[Callable[[_Subparsers], None]]] = (
     _add_stack_commands,
     _add_terminals_commands,
+    _add_sites_commands,
+    _add_alerts_commands,
     pki_commands.add_ca_commands,
     pki_commands.add_token_commands,
     pki_commands.add_audit_commands,
@@ -284,12 +402,259 @@ def _terminals_list(args: argparse.Namespace, out: TextIO) -> int:
             status += f" ({t.reason})"
         seen = "-" if t.last_seen_ms is None else _ago(now_ms - t.last_seen_ms)
         rows.append((t.id, status, t.site_name or t.site or "-", t.town or "-", seen))
+    _table(rows, out)
+    online = sum(t.status == "online" for t in listing.terminals)
+    out.write(f"{online}/{len(listing.terminals)} online\n")
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(_pad(cell, w) for cell, w in zip(row, widths, strict=True)).rstrip())
         out.write("\n")
-    online = sum(t.status == "online" for t in listing.terminals)
-    out.write(f"{online}/{len(listing.terminals)} online\n")
+
+
+def _sites_import(args: argparse.Namespace, out: TextIO) -> int:
+    path: Path = args.file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidSettings(f"cannot read the sites file {path}: {exc.strerror}") from exc
+    try:
+        sites = parse_sites(data, str(path))
+    except SitesFileError as exc:
+        for problem in exc.problems:
+            print(exc.describe(problem), file=sys.stderr)
+        count = len(exc.problems)
+        print(
+            f"{count} 处问题，未导入任何点位 / {count} problem(s) in {path}; "
+            "nothing was imported. Fix them and run the import again.",
+            file=sys.stderr,
+        )
+        if args.json:
+            out.write(ops_client.to_json({"problems": exc.problems}) + "\n")
+        return EXIT_FILE_PROBLEMS
+    if not sites:
+        raise InvalidSettings(f"{path} holds no sites; nothing to import")
+    if args.dry_run:
+        if args.json:
+            out.write(ops_client.to_json({"dry_run": True, "valid": len(sites), "sites": sites}))
+            out.write("\n")
+            return EXIT_OK
+        _sites_table(sites, datetime.now(LOCAL_ZONE), out)
+        out.write(
+            f"文件有效：{len(sites)} 个点位，未导入（--dry-run） / "
+            f"{path} is valid: {len(sites)} sites, nothing imported (dry run)\n"
+        )
+        return EXIT_OK
+    result = ops_client.import_sites(args.server, sites)
+    if args.json:
+        out.write(ops_client.to_json(result) + "\n")
+        return EXIT_OK
+    n, added, updated = len(sites), result.added, result.updated
+    out.write(
+        f"导入 {n} 个点位（新增 {added}，更新 {updated}） / "
+        f"imported {n} sites ({added} new, {updated} updated)\n"
+    )
+    return EXIT_OK
+
+
+def _sites_list(args: argparse.Namespace, out: TextIO) -> int:
+    sites = ops_client.sites(args.server)
+    if args.json:
+        out.write(ops_client.to_json(sites) + "\n")
+        return EXIT_OK
+    if not sites:
+        out.write(f"no sites yet / 暂无点位; import them with: {PROG} sites import FILE\n")
+        return EXIT_OK
+    _sites_table(sites, datetime.now(LOCAL_ZONE), out)
+    return EXIT_OK
+
+
+def _sites_table(sites: Sequence[Site], now: datetime, out: TextIO) -> None:
+    rows = [
+        (
+            "点位 site",
+            "名称 name",
+            "区/镇 district/town",
+            "类型 kind",
+            "今日 today",
+            "负责人 owners",
+        )
+    ]
+    rows.extend(
+        (
+            site.id,
+            site.name,
+            f"{site.district}/{site.town}",
+            site.kind.zh,
+            hours_on(site.schedule, now),
+            str(len(site.owners)),
+        )
+        for site in sites
+    )
+    _table(rows, out)
+    out.write(f"{len(sites)} 个点位 / sites\n")
+
+
+def hours_on(schedule: Schedule, now: datetime) -> str:
+    """The site's hours on the local day of ``now`` (holidays and make-up days applied)."""
+    if schedule.open_24h:
+        return "24小时 24h"
+    today = now.astimezone(ZoneInfo(schedule.timezone)).date()
+    weekday = schedule.calendar.weekday_of(today)
+    intervals = schedule.hours.on(weekday) if weekday else ()
+    return ",".join(str(i) for i in intervals) or "休息 closed"
+
+
+_WEEKDAYS_ZH: Final = dict(
+    zip(DAY_NAMES, ("周一", "周二", "周三", "周四", "周五", "周六", "周日"), strict=True)
+)
+
+
+def _sites_show(args: argparse.Namespace, out: TextIO) -> int:
+    found = ops_client.site(args.server, args.id)
+    if args.json:
+        out.write(ops_client.to_json(found) + "\n")
+        return EXIT_OK
+    out.write(describe_site(found))
+    return EXIT_OK
+
+
+def describe_site(site: Site) -> str:
+    """Everything about ``site``, one labelled line per value."""
+    schedule, calendar = site.schedule, site.schedule.calendar
+    fields: list[tuple[str, Iterable[str]]] = [
+        ("点位 site", [site.id]),
+        ("名称 name", [site.name]),
+        ("类型 kind", [f"{site.kind.zh} ({site.kind.value})"]),
+        ("区 district", [site.district]),
+        ("镇 town", [site.town]),
+        ("地址 address", [site.address]),
+    ]
+    if site.lat is not None and site.lon is not None:
+        fields.append(("坐标 lat, lon", [f"{site.lat}, {site.lon}"]))
+    fields.append(("负责人 owners", [str(owner) for owner in site.owners]))
+    if schedule.open_24h:
+        hours = ["24小时开放，节假日无休 / open 24 hours, holidays included"]
+    else:
+        hours = [
+            f"{_WEEKDAYS_ZH[day]} {day}  "
+            + (", ".join(str(i) for i in schedule.hours.on(day)) or "休息 closed")
+            for day in DAY_NAMES
+        ]
+    fields.append(("开放时间 hours", hours))
+    fields.append(("休息日 closed", [str(day) for day in sorted(calendar.closed)] or ["-"]))
+    makeups = sorted(calendar.workdays, key=lambda m: m.day)
+    fields.append(
+        (
+            "调休 make-up days",
+            [f"{m.day} 按{_WEEKDAYS_ZH[m.works_as]} (hours of {m.works_as})" for m in makeups]
+            or ["-"],
+        )
+    )
+    if schedule.open_24h and not calendar.is_empty():
+        fields.append(("", ["（24小时点位不按节假日休息 / not applied to a 24-hour site）"]))
+    grace = f"{site.grace_s} 秒 s"
+    if site.grace_s and site.grace_s % 60 == 0:
+        grace += f"（{site.grace_s // 60} 分钟 min）"
+    fields.append(("离线宽限 grace", [grace]))
+    fields.append(("时区 time zone", [schedule.timezone]))
+    width = max(_width(label) for label, _ in fields)
+    lines = []
+    for label, values in fields:
+        for n, value in enumerate(values):
+            lines.append(f"{_pad(label if n == 0 else '', width)}  {value}")
+    return "\n".join(lines) + "\n"
+
+
+_ACTIONS_ZH: Final = {
+    "sent": "已发送",
+    "suppressed": "暂缓",
+    "updated": "已更新",
+    "reminded": "已提醒",
+    "escalated": "已升级",
+    "acknowledged": "已确认",
+    "resolved": "已恢复",
+}
+_KINDS_ZH: Final = {
+    "terminal-offline": "终端离线",
+    "terminal-flapping": "频繁掉线",
+    "peripherals": "外设故障",
+    "site-offline": "点位离线",
+    "district-outage": "区域离线",
+}
+_REASONS_ZH: Final = {
+    "planned": "计划停机",
+    "flapping": "频繁掉线",
+    "merged-into-site": "并入点位告警",
+    "terminal-down": "终端已离线",
+    "outside-hours": "非开放时间",
+    "unassigned": "不属于任何点位",
+}
+
+
+def _alerts_list(args: argparse.Namespace, out: TextIO) -> int:
+    log = ops_client.alerts(args.server, args.limit)
+    if args.json:
+        out.write(ops_client.to_json(log) + "\n")
+        return EXIT_OK
+    if not log.entries:
+        out.write("no alerts yet / 暂无告警\n")
+        return EXIT_OK
+    rows = [
+        (
+            "时间 time",
+            "动作 action",
+            "类型 kind",
+            "对象 subject",
+            "原因 reason",
+            "告警 alert id",
+            "收件人 recipients",
+        )
+    ]
+    rows.extend(alert_row(entry) for entry in log.entries)
+    _table(rows, out)
+    more = "; more with --limit N" if len(log.entries) == args.limit else ""
+    out.write(f"{len(log.entries)} 条，最新在前 / entries, newest first{more}\n")
+    return EXIT_OK
+
+
+def alert_row(entry: AlertEntry) -> tuple[str, str, str, str, str, str, str]:
+    """One alert log entry as a row of ``alerts list``."""
+    at = datetime.fromtimestamp(entry.at_ms / 1000, LOCAL_ZONE).strftime("%Y-%m-%d %H:%M")
+    action = (
+        f"{_ACTIONS_ZH[entry.action]} {entry.action}"
+        if entry.action in _ACTIONS_ZH
+        else entry.action
+    )
+    kind = _KINDS_ZH.get(entry.kind, entry.kind)
+    reason = "-"
+    if entry.reason:
+        zh = _REASONS_ZH.get(entry.reason)
+        reason = f"{zh} {entry.reason}" if zh else entry.reason
+    recipients = ", ".join(entry.recipients) or "-"
+    return at, action, kind, entry.subject, reason, entry.alert_id, recipients
+
+
+def _alerts_ack(args: argparse.Namespace, out: TextIO) -> int:
+    alert_id: str = args.alert_id
+    who: str = args.who if args.who is not None else default_actor()
+    # A typo would be queued and silently ignored by the engine: say so, but still send it
+    # (an alert older than the entries looked at is still acknowledged).
+    recent = ops_client.alerts(args.server, ACK_LOOKBACK).entries
+    if not any(entry.alert_id == alert_id for entry in recent):
+        print(
+            f"{PROG}: warning: {alert_id} is not in the alert log (newest {ACK_LOOKBACK}); the "
+            f"alerting engine ignores ids it does not know. `{PROG} alerts list` shows them.",
+            file=sys.stderr,
+        )
+    ops_client.ack_alert(args.server, alert_id, who)
+    out.write(
+        f"已提交确认，告警引擎将在几秒内处理 / acknowledgement of {alert_id} by {who} queued; "
+        "the alerting engine applies it within seconds\n"
+    )
     return EXIT_OK
 
 
@@ -319,6 +684,11 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
 _COMMANDS: Final[Mapping[str, Command]] = {
     "terminals list": _terminals_list,
+    "sites import": _sites_import,
+    "sites list": _sites_list,
+    "sites show": _sites_show,
+    "alerts list": _alerts_list,
+    "alerts ack": _alerts_ack,
     "demo": _demo,
     "stack up": _stack_up,
     "stack down": _stack_down,
