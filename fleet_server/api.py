@@ -2,34 +2,33 @@
 
 GET /healthz              200 when the broker subscription is up, else 503
 GET /api/v1/terminals     every terminal with status and last seen (TerminalList)
-GET /api/v1/ingest        ingest counters: messages, rejects by terminal and reason, writes
+GET /api/v1/ingest        ingest counters: messages, rejects by terminal and reason, writes,
+                          the spool, quarantined samples, clock faults, flooding terminals
+GET /metrics              the same and more in Prometheus text format (fleet_server.metrics)
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 from aiohttp import web
 
 from fleet_protocol.ops import TerminalList
 from fleet_server.errors import FleetServerError
+from fleet_server.metrics import CONTENT_TYPE, IngestStats, fleet_families, render
 from fleet_server.registry import Registry
 
+__all__ = ["IngestStats", "make_app", "serve"]
 
-class IngestStats(msgspec.Struct, frozen=True, kw_only=True):
-    received: dict[str, int]
-    rejected: dict[str, dict[str, int]]
-    points_written: int
-    batches_written: int
-    write_retries: int
-    points_rejected: int
-    broker_connected: bool
-
+Counts = Callable[[], Mapping[str, int]]
 
 REGISTRY = web.AppKey("registry", Registry)
 STATS: web.AppKey[Callable[[], IngestStats]] = web.AppKey("stats")
 HEALTHY: web.AppKey[Callable[[], bool]] = web.AppKey("healthy")
+TERMINAL_STATES: web.AppKey[Counts | None] = web.AppKey("terminal_states")
+MAIL_COUNTERS: web.AppKey[Counts | None] = web.AppKey("mail_counters")
 
 _encoder = msgspec.json.Encoder()
 
@@ -51,16 +50,40 @@ async def _healthz(request: web.Request) -> web.Response:
     return _json({"ok": ok}, status=200 if ok else 503)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    app = request.app
+    states = app[TERMINAL_STATES]
+    if states is not None:
+        by_state = dict(states())
+    else:
+        by_state = {"online": 0, "offline": 0, "unknown": 0}
+        by_state.update(Counter(t.status for t in await app[REGISTRY].terminals()))
+    mail = app[MAIL_COUNTERS]
+    text = render(fleet_families(app[STATS](), by_state, None if mail is None else mail()))
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def make_app(
-    registry: Registry, stats: Callable[[], IngestStats], healthy: Callable[[], bool]
+    registry: Registry,
+    stats: Callable[[], IngestStats],
+    healthy: Callable[[], bool],
+    *,
+    terminal_states: Counts | None = None,
+    mail_counters: Counts | None = None,
 ) -> web.Application:
+    """The ops API. ``terminal_states`` counts terminals by presence state for /metrics (by
+    default the registry's online/offline/unknown); ``mail_counters`` are the mailer's
+    counters by outcome (sent, failed, ...), when the server sends mail."""
     app = web.Application()
     app[REGISTRY] = registry
     app[STATS] = stats
     app[HEALTHY] = healthy
+    app[TERMINAL_STATES] = terminal_states
+    app[MAIL_COUNTERS] = mail_counters
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/v1/terminals", _terminals)
     app.router.add_get("/api/v1/ingest", _ingest)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 

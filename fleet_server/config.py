@@ -16,6 +16,16 @@ Example (only ``[influx] url`` and ``[registry] path`` have no useful default)::
     database = "kiosk"
     batch_points = 5000            # write when this many points wait ...
     flush_interval_s = 1.0         # ... or this long after the first, whichever first
+    slow_write_s = 5.0             # a write slower than this is abandoned and spooled
+    spool_max_mb = 1024            # on-disk spool for when InfluxDB is down or slow; when
+                                   # full, deliveries are held in the broker (never dropped)
+    # spool_path = "/var/lib/fleet-server/spool-fleet-server-1.sqlite3"
+                                   # default: next to the registry, one per broker client_id
+
+    [ingest]
+    max_ahead_s = 600              # samples stamped further ahead of server time are
+    max_behind_s = 691200          # quarantined, as are older ones (agent outbox: 7 days + 1)
+    flood_per_minute = 600         # more messages a minute flag a terminal as flooding
 
     [registry]
     path = "/var/lib/fleet-server/registry.sqlite3"
@@ -80,6 +90,26 @@ class InfluxSettings(_Section, frozen=True, kw_only=True):
     batch_points: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    slow_write_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    spool_path: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    spool_max_mb: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] = 1024.0
+
+    @property
+    def spool_max_bytes(self) -> int:
+        return max(1, int(self.spool_max_mb * 1024 * 1024))
+
+
+#: The agent's outbox keeps a sample for 7 days at most (edge_agent ``[outbox] max_age_days``);
+#: a day more covers a backlog that is still being replayed when it expires.
+DEFAULT_MAX_BEHIND_S = 8 * 86400
+
+
+class IngestSettings(_Section, frozen=True, kw_only=True):
+    """Sanity bounds on what terminals send (see `fleet_server.ingest`)."""
+
+    max_ahead_s: Annotated[float, msgspec.Meta(ge=0, le=366 * 86400)] = 600.0
+    max_behind_s: Annotated[float, msgspec.Meta(gt=0, le=3660 * 86400)] = DEFAULT_MAX_BEHIND_S
+    flood_per_minute: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 600
 
 
 class RegistrySettings(_Section, frozen=True, kw_only=True):
@@ -110,6 +140,7 @@ class ServerConfig(_Section, frozen=True, kw_only=True):
     influx: InfluxSettings
     registry: RegistrySettings
     broker: BrokerSettings
+    ingest: IngestSettings = IngestSettings()
     api: ApiSettings = ApiSettings()
     enrolment: EnrolmentSettings | None = None
     sites: list[SiteSettings] = []
@@ -123,6 +154,14 @@ class ServerConfig(_Section, frozen=True, kw_only=True):
     @property
     def registry_path(self) -> Path:
         return Path(self.registry.path)
+
+    @property
+    def spool_path(self) -> Path:
+        """``[influx] spool_path``, else next to the registry, named after the client id:
+        server processes may share a registry, never a spool."""
+        if self.influx.spool_path is not None:
+            return Path(self.influx.spool_path)
+        return self.registry_path.parent / f"spool-{self.broker.client_id}.sqlite3"
 
 
 def parse_config(data: bytes, source: str) -> ServerConfig:

@@ -1,16 +1,36 @@
 """What the server does with each delivery: presence from ``state``, points from ``telemetry``.
 
 Bad input is counted (per terminal and reason) and dropped, never raised: one broken kiosk
-must not stop ingest for the others.
+must not stop ingest for the others. Reasons: ``bad_topic`` (terminal ``-``), ``too_large``
+(over `fleet_protocol.MAX_PAYLOAD`, before anything is parsed), ``malformed``, ``schema``,
+``unstorable`` (valid JSON that line protocol cannot carry).
+
+Two things are flagged per terminal, for ops to see (stats, /metrics), without dropping data
+that is fine:
+
+- Clock faults. A sample stamped far from server time (more than ``max_ahead_ms`` ahead, or
+  older than ``max_behind_ms``, which covers the agent outbox's 7 days) would land at the
+  wrong place in the fleet's history, where nobody looks for it and where it may overwrite a
+  real point of the same series. It is *quarantined* instead: not written, counted per
+  terminal and reason, the last few kept as examples, and the terminal gets a `ClockFault`
+  until a live message arrives whose samples are all in the window again. The quarantine is
+  evidence for ops, kept in memory, not storage: bounded per terminal, it could not hold a
+  broken clock's weeks of samples anyway, and the fault comes back with the next sample
+  after a restart if the clock is still wrong.
+- Flooding: more than ``flood_per_minute`` messages in a minute (an agent sends about 10). An
+  agent replaying its outbox after an outage sends faster on purpose (its ``replay_rate``),
+  so telemetry marked historical does not count. Logged once per episode; the episode ends
+  after a minute at or under the limit.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol
 
 from fleet_protocol.codec import decode
 from fleet_protocol.errors import DecodeError, TopicError
@@ -32,6 +52,91 @@ from fleet_server.registry import Placement
 
 #: Counter key for messages whose topic names no valid terminal.
 UNKNOWN_TERMINAL = "-"
+#: Quarantined samples kept per terminal as examples for ops.
+QUARANTINE_EXAMPLES: Final = 5
+FLOOD_WINDOW_MS: Final = 60_000
+
+#: ``future``: stamped more than ``max_ahead_ms`` after server time; ``too_old``: more than
+#: ``max_behind_ms`` before it.
+QuarantineReason = Literal["future", "too_old"]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    """Sanity bounds on what terminals send (``[ingest]`` in the server config)."""
+
+    max_ahead_ms: int = 10 * 60_000
+    #: The agent's outbox keeps 7 days; a day more for a backlog still being replayed.
+    max_behind_ms: int = 8 * 86_400_000
+    flood_per_minute: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class ClockFault:
+    """A terminal whose samples are stamped outside the window: its clock is wrong.
+
+    ``first_ms`` and ``last_ms`` are server times of the first and latest quarantined sample
+    of this episode, ``offset_ms`` the latest one's timestamp minus server time (positive: the
+    kiosk is ahead), ``count`` the samples quarantined in this episode.
+    """
+
+    first_ms: int
+    last_ms: int
+    offset_ms: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedSample:
+    kind: str
+    seq: int
+    ts: int
+    received_ms: int
+    reason: QuarantineReason
+
+
+class FloodWatch:
+    """Messages per terminal in fixed one-minute windows; flags those over ``limit``.
+
+    A window starts with a terminal's first message after the previous one ended. The flag
+    goes up in the window that passes the limit and comes down when a later window ends at or
+    under it (a minute without any message counts as such a window).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._windows: dict[str, tuple[int, int]] = {}  # terminal -> (start_ms, count)
+        #: Flagged terminals, with the server time the episode began.
+        self.flagged: dict[str, int] = {}
+
+    def count(self, terminal: str, now_ms: int) -> Literal["started", "ended"] | None:
+        """Count one message; "started" or "ended" when the terminal's flag changes."""
+        start, count = self._windows.get(terminal, (now_ms, 0))
+        change: Literal["started", "ended"] | None = None
+        if now_ms - start >= FLOOD_WINDOW_MS:
+            if terminal in self.flagged and (
+                count <= self._limit or now_ms - start >= 2 * FLOOD_WINDOW_MS
+            ):
+                del self.flagged[terminal]
+                change = "ended"
+            start, count = now_ms, 0
+        count += 1
+        self._windows[terminal] = (start, count)
+        if count > self._limit and terminal not in self.flagged:
+            self.flagged[terminal] = now_ms
+            change = "started"
+        return change
+
+    def expire(self, now_ms: int) -> list[str]:
+        """Lower the flags of terminals silent for a whole window; returns them."""
+        ended = [
+            terminal
+            for terminal in self.flagged
+            if now_ms - self._windows[terminal][0] >= 2 * FLOOD_WINDOW_MS
+        ]
+        for terminal in ended:
+            del self.flagged[terminal]
+        return ended
 
 
 class PresenceStore(Protocol):
@@ -168,15 +273,29 @@ class Ingest:
         points: PointSink,
         logger: logging.Logger,
         now_ms: Callable[[], int] = wall_ms,
+        limits: IngestLimits = IngestLimits(),
     ) -> None:
         self._presence = presence
         self._points = points
         self._log = logger
         self._now_ms = now_ms
+        self._limits = limits
         self._tags: dict[TerminalId, dict[str, str]] = {}
+        self._floods = FloodWatch(limits.flood_per_minute)
         self.received: Counter[Channel] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()  # (terminal, reason)
         self.last_seen: dict[TerminalId, int] = {}
+        #: Samples not written because of their timestamp, by (terminal, reason).
+        self.quarantined: Counter[tuple[str, QuarantineReason]] = Counter()
+        #: The last few quarantined samples of each terminal, oldest first.
+        self.quarantine: dict[TerminalId, deque[QuarantinedSample]] = {}
+        self.clock_faults: dict[TerminalId, ClockFault] = {}
+
+    def flooding(self) -> dict[str, int]:
+        """Terminals flagged as flooding now, with the server time their episode began."""
+        for terminal in self._floods.expire(self._now_ms()):
+            self._log.info("%s no longer floods", terminal)
+        return dict(self._floods.flagged)
 
     async def handle(self, delivery: Delivery) -> None:
         try:
@@ -186,11 +305,20 @@ class Ingest:
             return
         terminal = where.terminal
         self.received[where.channel] += 1
+        if where.channel is not Channel.TELEMETRY:
+            self._watch(terminal)
         try:
             if where.channel is Channel.STATE:
                 await self._state(terminal, decode(State, delivery.payload), delivery.ack)
             elif where.channel is Channel.TELEMETRY:
-                await self._telemetry(terminal, decode(Telemetry, delivery.payload), delivery.ack)
+                try:
+                    telemetry = decode(Telemetry, delivery.payload)
+                except DecodeError:
+                    self._watch(terminal)
+                    raise
+                if not telemetry.historical:
+                    self._watch(terminal)
+                await self._telemetry(terminal, telemetry, delivery.ack)
             else:
                 delivery.ack()
         except DecodeError as exc:
@@ -215,6 +343,17 @@ class Ingest:
             )
         delivery.ack()
 
+    def _watch(self, terminal: TerminalId) -> None:
+        change = self._floods.count(terminal, self._now_ms())
+        if change == "started":
+            self._log.warning(
+                "%s floods: more than %d messages a minute (an agent sends about 10)",
+                terminal,
+                self._limits.flood_per_minute,
+            )
+        elif change == "ended":
+            self._log.info("%s no longer floods", terminal)
+
     async def _state(self, terminal: TerminalId, message: State, ack: Ack) -> None:
         now = self._now_ms()
         presence = await self._presence.apply_state(terminal, message, now)
@@ -235,8 +374,60 @@ class Ingest:
             tags = placement_tags(terminal, await self._presence.placement(terminal))
             if "site" in tags:  # cache only complete placements; retry until the site is known
                 self._tags[terminal] = tags
+        now = self._now_ms()
         points: list[Point] = []
+        outside: list[tuple[Sample, QuarantineReason]] = []
         for sample in message.samples:
-            points.extend(sample_points(sample, tags, message.historical))
-        self.last_seen[terminal] = max(self.last_seen.get(terminal, 0), self._now_ms())
-        await self._points.add(points, ack)
+            reason = self._outside_window(sample.ts, now)
+            if reason is None:
+                points.extend(sample_points(sample, tags, message.historical))
+            else:
+                outside.append((sample, reason))
+        self.last_seen[terminal] = max(self.last_seen.get(terminal, 0), now)
+        if outside:
+            self._quarantine(terminal, outside, now)
+        elif not message.historical and terminal in self.clock_faults:
+            fault = self.clock_faults.pop(terminal)
+            self._log.info(
+                "%s: clock back in the window after %d quarantined samples", terminal, fault.count
+            )
+        if points:
+            await self._points.add(points, ack)
+        else:
+            ack()  # everything quarantined: nothing will be stored, nothing to wait for
+
+    def _outside_window(self, ts: int, now: int) -> QuarantineReason | None:
+        if ts > now + self._limits.max_ahead_ms:
+            return "future"
+        if ts < now - self._limits.max_behind_ms:
+            return "too_old"
+        return None
+
+    def _quarantine(
+        self, terminal: TerminalId, samples: list[tuple[Sample, QuarantineReason]], now: int
+    ) -> None:
+        examples = self.quarantine.setdefault(terminal, deque(maxlen=QUARANTINE_EXAMPLES))
+        for sample, reason in samples:
+            self.quarantined[(terminal, reason)] += 1
+            examples.append(QuarantinedSample(_kind(sample), sample.seq, sample.ts, now, reason))
+        offset = samples[-1][0].ts - now
+        fault = self.clock_faults.get(terminal)
+        if fault is None:
+            self._log.warning(
+                "%s: clock fault, samples stamped %+.0f s from server time are quarantined, "
+                "not stored",
+                terminal,
+                offset / 1000,
+            )
+            fault = ClockFault(now, now, offset, 0)
+        self.clock_faults[terminal] = ClockFault(
+            fault.first_ms, now, offset, fault.count + len(samples)
+        )
+
+
+def _kind(sample: Sample) -> str:
+    if isinstance(sample, SystemSample):
+        return "system"
+    if isinstance(sample, NetworkSample):
+        return "network"
+    return "power"

@@ -1,5 +1,7 @@
-"""PointBatcher against a fake InfluxDB write: when batches go out, what they contain, and that
-a delivery is acknowledged only once its points are stored (or definitively refused)."""
+"""PointBatcher against a fake InfluxDB write and a real spool (SQLite in tmp_path): when
+batches go out, what they contain, that a delivery is acknowledged only once its points are
+durable (in InfluxDB or in the spool), that the spool is replayed in order and only deleted
+once InfluxDB took it, and that a full spool holds deliveries back instead of dropping any."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from fleet_server import batcher as batcher_module
-from fleet_server.batcher import PointBatcher
+from fleet_server.batcher import PointBatcher, SpoolDepth
 from fleet_server.lineproto import Point
+from fleet_server.spool import Spool
 from tests.component.fakes import FakeInflux, Journal, eventually
 
 TS0 = 1_732_190_400_000
@@ -38,15 +43,60 @@ def message(journal: Journal, *seqs: int) -> tuple[list[Point], batcher_module.A
     return [point(s) for s in seqs], journal.ack(",".join(str(s) for s in seqs))
 
 
-def assert_each_ack_follows_its_write(journal: Journal) -> None:
+def stored_lines(influx: FakeInflux) -> list[str]:
+    return [row for b in influx.stored for row in b.decode().split("\n")]
+
+
+def assert_each_ack_follows_its_store(journal: Journal) -> None:
+    """Every ``ack`` comes after its points were written to InfluxDB or to the spool."""
     stored: set[str] = set()
     for entry in journal.entries:
-        if entry.startswith("write "):
-            stored.update(entry.removeprefix("write ").split("\n"))
+        if entry.startswith(("write ", "spool ")):
+            stored.update(entry.split(" ", 1)[1].split("\n"))
         else:
             seqs = [int(s) for s in entry.removeprefix("ack ").split(",")]
             missing = [s for s in seqs if line(s) not in stored]
-            assert not missing, f"{entry} ran before points {missing} were stored"
+            assert not missing, f"{entry} ran before points {missing} were durable"
+
+
+class JournaledSpool(Spool):
+    """The real spool, noting ``spool <body>`` in the journal once an append is durable."""
+
+    def __init__(self, path: Path, max_bytes: int, journal: Journal) -> None:
+        super().__init__(path, max_bytes)
+        self.journal = journal
+
+    async def append(self, body: bytes, points: int) -> None:
+        await super().append(body, points)
+        self.journal.entries.append(f"spool {body.decode()}")
+
+
+class SlowInflux(FakeInflux):
+    """InfluxDB that takes ``delay_s`` to answer each write."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(journal)
+        self.delay_s = 0.0
+
+    async def write(self, body: bytes) -> None:
+        await asyncio.sleep(self.delay_s)
+        await super().write(body)
+
+
+@pytest.fixture
+def journal() -> Journal:
+    return Journal()
+
+
+@pytest.fixture
+def spool_path(tmp_path: Path) -> Path:
+    return tmp_path / "spool.sqlite3"
+
+
+@pytest_asyncio.fixture
+async def spool(spool_path: Path, journal: Journal) -> AsyncIterator[JournaledSpool]:
+    async with JournaledSpool(spool_path, 1_000_000, journal) as spool:
+        yield spool
 
 
 @contextlib.asynccontextmanager
@@ -65,13 +115,15 @@ async def running(batcher: PointBatcher) -> AsyncIterator[asyncio.Event]:
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 0.001)
     monkeypatch.setattr(batcher_module, "RETRY_MAX_S", 0.004)
+    monkeypatch.setattr(batcher_module, "HOLD_RECHECK_S", 0.01)
 
 
 @pytest.mark.asyncio
-async def test_a_full_batch_is_written_at_once_in_order_then_acknowledged() -> None:
-    journal = Journal()
+async def test_a_full_batch_is_written_at_once_in_order_then_acknowledged(
+    journal: Journal, spool: Spool
+) -> None:
     influx = FakeInflux(journal)
-    batcher = PointBatcher(influx.write, max_points=3, max_delay_s=30.0, logger=log)
+    batcher = PointBatcher(influx.write, spool, max_points=3, max_delay_s=30.0, logger=log)
     async with running(batcher):
         await batcher.add(*message(journal, 1, 2))
         await batcher.add(*message(journal, 3))
@@ -84,13 +136,16 @@ async def test_a_full_batch_is_written_at_once_in_order_then_acknowledged() -> N
         assert batcher.counters.batches_written == 1
         assert batcher.counters.write_retries == 0
         assert batcher.counters.points_rejected == 0
+        assert batcher.counters.batches_spooled == 0
+        assert spool.depth == SpoolDepth(0, 0, 0)
 
 
 @pytest.mark.asyncio
-async def test_fewer_points_than_a_batch_are_written_after_max_delay() -> None:
-    journal = Journal()
+async def test_fewer_points_than_a_batch_are_written_after_max_delay(
+    journal: Journal, spool: Spool
+) -> None:
     influx = FakeInflux(journal)
-    batcher = PointBatcher(influx.write, max_points=1000, max_delay_s=0.05, logger=log)
+    batcher = PointBatcher(influx.write, spool, max_points=1000, max_delay_s=0.05, logger=log)
     loop = asyncio.get_running_loop()
     async with running(batcher):
         added_at = loop.time()
@@ -105,7 +160,7 @@ async def test_fewer_points_than_a_batch_are_written_after_max_delay() -> None:
         assert influx.attempt_times[0] - added_at >= 0.045
         assert influx.stored == [body(1, 2)]
         assert journal.acks() == ["ack 1", "ack 2"]
-        assert_each_ack_follows_its_write(journal)
+        assert_each_ack_follows_its_store(journal)
         assert batcher.counters.batches_written == 1
         assert batcher.counters.points_written == 2
 
@@ -119,42 +174,115 @@ async def test_fewer_points_than_a_batch_are_written_after_max_delay() -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("fast_retries")
-async def test_while_influx_is_down_the_batch_is_retried_and_nothing_is_acknowledged() -> None:
-    journal = Journal()
+async def test_while_influx_is_down_batches_are_spooled_and_acknowledged_then_replayed(
+    journal: Journal, spool: Spool
+) -> None:
     influx = FakeInflux(journal)
     influx.mode = "down"
-    batcher = PointBatcher(influx.write, max_points=2, max_delay_s=30.0, logger=log)
+    batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
     async with running(batcher):
         await batcher.add(*message(journal, 1))
         await batcher.add(*message(journal, 2))
+        await batcher.add(*message(journal, 3, 4))
+        await eventually(lambda: len(journal.acks()) == 3)
+
+        # Durable on disk first, acknowledged after; InfluxDB has nothing yet.
+        assert journal.entries == [
+            f"spool {body(1, 2).decode()}",
+            "ack 1",
+            "ack 2",
+            f"spool {body(3, 4).decode()}",
+            "ack 3,4",
+        ]
+        assert spool.depth == SpoolDepth(2, 4, len(body(1, 2)) + len(body(3, 4)))
         await eventually(lambda: influx.attempts >= 5)
-        assert journal.entries == []
+        assert spool.depth.batches == 2, "a batch left the spool that InfluxDB never took"
         assert batcher.counters.points_written == 0
-        assert batcher.counters.batches_written == 0
 
         influx.mode = "up"
-        await eventually(lambda: len(journal.acks()) == 2)
+        await eventually(lambda: batcher.counters.batches_replayed == 2)
 
-        # The same batch, once, when InfluxDB is back; acknowledged only then.
-        assert influx.stored == [body(1, 2)]
-        assert journal.entries == [f"write {body(1, 2).decode()}", "ack 1", "ack 2"]
-        assert batcher.counters.write_retries == influx.attempts - 1
-        assert batcher.counters.batches_written == 1
-        assert batcher.counters.points_written == 2
-        assert batcher.counters.points_rejected == 0
+        # Replayed head first, one run of at most max_points per write, each exactly once.
+        assert influx.stored == [body(1, 2), body(3, 4)]
+        assert batcher.counters.batches_spooled == 2
+        assert batcher.counters.points_spooled == 4
+        assert batcher.counters.batches_replayed == 2
+        assert batcher.counters.points_replayed == 4
+        assert batcher.counters.points_written == 4
+        assert batcher.counters.write_retries == influx.attempts - 2
+        assert spool.depth == SpoolDepth(0, 0, 0)
+
+        # With the spool empty again, the next batch goes straight to InfluxDB.
+        await batcher.add(*message(journal, 5, 6))
+        await eventually(lambda: len(journal.acks()) == 4)
+        assert journal.entries[-2:] == [f"write {body(5, 6).decode()}", "ack 5,6"]
+    assert_each_ack_follows_its_store(journal)
 
 
 @pytest.mark.asyncio
-async def test_retries_back_off_doubling_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_new_batches_queue_behind_the_spool_so_influx_gets_them_in_order(
+    journal: Journal, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 1.0)
+    influx = FakeInflux(journal)
+    influx.fail_next = 1  # the first write fails; InfluxDB answers from then on
+    batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
+    async with running(batcher):
+        await batcher.add(*message(journal, 1, 2))
+        await eventually(lambda: journal.acks() == ["ack 1,2"])
+        assert influx.attempts == 1
+
+        # InfluxDB would take this batch now, but older points wait in the spool: it goes
+        # behind them instead of overtaking them.
+        await batcher.add(*message(journal, 3, 4))
+        await eventually(lambda: len(journal.acks()) == 2)
+        assert influx.attempts == 1
+        assert spool.depth.batches == 2
+
+        await eventually(lambda: spool.depth.batches == 0, timeout_s=5.0)
+    assert influx.stored == [body(1, 2), body(3, 4)]
+    assert stored_lines(influx) == [line(s) for s in (1, 2, 3, 4)]
+    assert_each_ack_follows_its_store(journal)
+
+
+@pytest.mark.asyncio
+async def test_a_write_slower_than_the_bound_is_abandoned_and_spooled(
+    journal: Journal, spool: Spool
+) -> None:
+    influx = SlowInflux(journal)
+    influx.delay_s = 5.0
+    batcher = PointBatcher(
+        influx.write, spool, max_points=2, max_delay_s=30.0, logger=log, slow_write_s=0.05
+    )
+    loop = asyncio.get_running_loop()
+    async with running(batcher):
+        started = loop.time()
+        await batcher.add(*message(journal, 1, 2))
+        await eventually(lambda: journal.acks() == ["ack 1,2"])
+        # Acknowledged from the spool after the bound, not after InfluxDB's five seconds.
+        assert loop.time() - started < 1.0
+        assert journal.entries == [f"spool {body(1, 2).decode()}", "ack 1,2"]
+        assert batcher.counters.slow_writes == 1
+        assert batcher.counters.write_retries == 1
+
+        influx.delay_s = 0.0
+        await eventually(lambda: batcher.counters.batches_replayed == 1)
+    assert influx.stored == [body(1, 2)]
+    assert spool.depth.batches == 0
+
+
+@pytest.mark.asyncio
+async def test_retries_back_off_doubling_up_to_the_cap(
+    journal: Journal, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 0.01)
     monkeypatch.setattr(batcher_module, "RETRY_MAX_S", 0.04)
-    journal = Journal()
     influx = FakeInflux(journal)
     influx.fail_next = 9
-    batcher = PointBatcher(influx.write, max_points=1, max_delay_s=30.0, logger=log)
+    batcher = PointBatcher(influx.write, spool, max_points=1, max_delay_s=30.0, logger=log)
     async with running(batcher):
         await batcher.add(*message(journal, 1))
-        await eventually(lambda: journal.acks() == ["ack 1"], timeout_s=5.0)
+        await eventually(lambda: influx.stored == [body(1)], timeout_s=5.0)
 
     times = influx.attempt_times
     gaps = [b - a for a, b in itertools.pairwise(times)]
@@ -167,72 +295,113 @@ async def test_retries_back_off_doubling_up_to_the_cap(monkeypatch: pytest.Monke
     # Uncapped doubling would wait 0.01 * (2**9 - 1) = 5.11 s in all; the cap keeps it at 0.31 s.
     assert times[-1] - times[0] < 2.0
     assert batcher.counters.write_retries == 9
-    assert influx.stored == [body(1)]
+    assert journal.acks() == ["ack 1"]
 
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("fast_retries")
-async def test_add_waits_while_a_full_batch_cannot_be_written() -> None:
-    journal = Journal()
+async def test_a_full_spool_holds_deliveries_back_and_add_waits(
+    journal: Journal, spool_path: Path
+) -> None:
     influx = FakeInflux(journal)
     influx.mode = "down"
-    batcher = PointBatcher(influx.write, max_points=2, max_delay_s=0.05, logger=log)
-    async with running(batcher):
-        await batcher.add(*message(journal, 1, 2))
-        await eventually(lambda: influx.attempts >= 2)
+    # Room for one batch of two points, and not a point more.
+    async with JournaledSpool(spool_path, len(body(1, 2)) + 10, journal) as spool:
+        batcher = PointBatcher(influx.write, spool, max_points=3, max_delay_s=0.01, logger=log)
+        async with running(batcher):
+            await batcher.add(*message(journal, 1, 2))
+            await eventually(lambda: journal.acks() == ["ack 1,2"])
 
-        blocked = asyncio.create_task(batcher.add(*message(journal, 3)), name="blocked-add")
-        await asyncio.sleep(0.05)
-        assert not blocked.done(), "add() took more points in while InfluxDB is down"
+            await batcher.add(*message(journal, 3))  # due after max_delay_s, fits nowhere
+            await eventually(lambda: batcher.holding)
+            for seq in (4, 5, 6):  # the next batch fills up in memory ...
+                await asyncio.wait_for(batcher.add(*message(journal, seq)), timeout=1)
+            blocked = asyncio.create_task(batcher.add(*message(journal, 7)), name="blocked")
+            await asyncio.sleep(0.05)
+            # ... and then nothing more is taken in: the broker keeps the rest.
+            assert not blocked.done(), "add() took more points in while the spool is full"
+            assert journal.acks() == ["ack 1,2"], "a delivery was acknowledged but not stored"
+            assert spool.depth.batches == 1
 
-        influx.mode = "up"
-        await asyncio.wait_for(blocked, timeout=2)
-        # The waiting delivery is not lost: it is written after the stuck batch.
-        await eventually(lambda: len(journal.acks()) == 2)
+            influx.mode = "up"
+            await asyncio.wait_for(blocked, timeout=2)
+            await eventually(lambda: len(journal.acks()) == 6)
+            await eventually(lambda: spool.depth.batches == 0)
+            assert not batcher.holding
 
-    assert influx.stored == [body(1, 2), body(3)]
-    assert journal.acks() == ["ack 1,2", "ack 3"]
-    assert_each_ack_follows_its_write(journal)
-    assert batcher.counters.points_written == 3
+    assert stored_lines(influx) == [line(s) for s in range(1, 8)]
+    assert journal.acks() == ["ack 1,2", "ack 3", "ack 4", "ack 5", "ack 6", "ack 7"]
+    assert_each_ack_follows_its_store(journal)
+    assert batcher.counters.points_written == 7
+    assert batcher.counters.points_rejected == 0
 
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("fast_retries")
-async def test_at_most_max_points_are_taken_in_during_an_outage() -> None:
-    journal = Journal()
+async def test_a_restarted_batcher_replays_the_spool_before_anything_new(
+    journal: Journal, spool_path: Path
+) -> None:
     influx = FakeInflux(journal)
     influx.mode = "down"
-    batcher = PointBatcher(influx.write, max_points=3, max_delay_s=0.01, logger=log)
-    async with running(batcher):
-        await batcher.add(*message(journal, 1))  # goes out after max_delay_s, and fails
-        await eventually(lambda: influx.attempts >= 2)
+    async with JournaledSpool(spool_path, 1_000_000, journal) as spool:
+        batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=0.01, logger=log)
+        async with running(batcher):
+            await batcher.add(*message(journal, 1, 2))
+            await batcher.add(*message(journal, 3))
+            await eventually(lambda: len(journal.acks()) == 2)
+            await eventually(lambda: influx.attempts >= 3)
+    # The process is gone; the acknowledged points live on in the file only.
+    assert influx.stored == []
 
-        for seq in (2, 3, 4):
-            await asyncio.wait_for(batcher.add(*message(journal, seq)), timeout=1)
-        blocked = asyncio.create_task(batcher.add(*message(journal, 5)), name="blocked-add")
-        await asyncio.sleep(0.05)
-        assert not blocked.done(), "more than max_points pending while InfluxDB is down"
-        assert journal.entries == []
+    influx.mode = "up"
+    async with JournaledSpool(spool_path, 1_000_000, journal) as spool:
+        assert spool.depth.batches == 2
+        assert spool.depth.points == 3
+        batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=0.01, logger=log)
+        async with running(batcher):
+            await batcher.add(*message(journal, 4))
+            await eventually(lambda: len(journal.acks()) == 3)
+            await eventually(lambda: spool.depth.batches == 0)
 
-        influx.mode = "up"
-        await asyncio.wait_for(blocked, timeout=2)
-        await eventually(lambda: len(journal.acks()) == 5)
-
-    stored_lines = [row for b in influx.stored for row in b.decode().split("\n")]
-    assert stored_lines == [line(s) for s in (1, 2, 3, 4, 5)]
-    assert influx.stored[0] == body(1)
-    assert sorted(journal.acks()) == ["ack 1", "ack 2", "ack 3", "ack 4", "ack 5"]
-    assert_each_ack_follows_its_write(journal)
-    assert batcher.counters.points_written == 5
-    assert batcher.counters.batches_written == len(influx.stored)
+    assert stored_lines(influx) == [line(s) for s in (1, 2, 3, 4)]
+    assert influx.stored[0] == body(1, 2)
+    assert batcher.counters.points_replayed >= 3
 
 
 @pytest.mark.asyncio
-async def test_a_refused_batch_is_acknowledged_counted_and_not_retried() -> None:
-    journal = Journal()
+async def test_a_spooled_batch_stays_until_influx_accepts_it_even_across_a_stop(
+    journal: Journal, spool_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 0.001)
+    monkeypatch.setattr(batcher_module, "RETRY_MAX_S", 0.002)
+    influx = SlowInflux(journal)
+    influx.mode = "down"
+    async with JournaledSpool(spool_path, 1_000_000, journal) as spool:
+        batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=0.01, logger=log)
+        async with running(batcher):
+            await batcher.add(*message(journal, 1, 2))
+            await eventually(lambda: influx.attempts >= 4)
+            assert spool.depth.batches == 1
+            # InfluxDB comes back but answers slowly: stopped while the replay write is on
+            # its way, the batch must still be in the spool.
+            influx.delay_s = 5.0
+            influx.mode = "up"
+            await asyncio.sleep(0.05)
+        assert influx.stored == []
+    async with Spool(spool_path, 1_000_000) as reopened:
+        assert reopened.depth.batches == 1
+        run = await reopened.head(100)
+        assert run is not None
+        assert run.body == body(1, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_refused_batch_is_acknowledged_counted_and_not_retried(
+    journal: Journal, spool: Spool
+) -> None:
     influx = FakeInflux(journal)
     influx.mode = "rejecting"
-    batcher = PointBatcher(influx.write, max_points=2, max_delay_s=30.0, logger=log)
+    batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
     async with running(batcher):
         await batcher.add(*message(journal, 1, 2))
         await eventually(lambda: journal.acks() == ["ack 1,2"])
@@ -243,6 +412,7 @@ async def test_a_refused_batch_is_acknowledged_counted_and_not_retried() -> None
         assert batcher.counters.points_written == 0
         assert batcher.counters.batches_written == 0
         assert batcher.counters.write_retries == 0
+        assert spool.depth.batches == 0
 
         # The batcher carries on with the next batch.
         influx.mode = "up"
@@ -254,37 +424,69 @@ async def test_a_refused_batch_is_acknowledged_counted_and_not_retried() -> None
 
 
 @pytest.mark.asyncio
-async def test_stopping_while_influx_is_down_leaves_deliveries_unacknowledged(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_stopping_while_influx_is_down_spools_what_is_pending(
+    journal: Journal, spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A long backoff: stopping must not wait for it.
     monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 30.0)
     monkeypatch.setattr(batcher_module, "RETRY_MAX_S", 30.0)
-    journal = Journal()
     influx = FakeInflux(journal)
     influx.mode = "down"
-    batcher = PointBatcher(influx.write, max_points=10, max_delay_s=0.01, logger=log)
+    batcher = PointBatcher(influx.write, spool, max_points=10, max_delay_s=0.01, logger=log)
     stopping = asyncio.Event()
     run = asyncio.create_task(batcher.run(stopping), name="batcher")
 
-    await batcher.add(*message(journal, 1))  # in the batch being retried
-    await eventually(lambda: influx.attempts >= 1)
+    await batcher.add(*message(journal, 1))  # written, failed, spooled
+    await eventually(lambda: journal.acks() == ["ack 1"])
     await batcher.add(*message(journal, 2))  # still waiting for the next batch
 
     stopping.set()
     await asyncio.wait_for(run, timeout=2)
 
-    assert journal.entries == []
+    assert journal.entries == [
+        f"spool {body(1).decode()}",
+        "ack 1",
+        f"spool {body(2).decode()}",
+        "ack 2",
+    ]
     assert influx.stored == []
-    assert batcher.counters.points_written == 0
-    assert batcher.counters.batches_written == 0
+    assert influx.attempts == 1
+    assert spool.depth.batches == 2
 
 
 @pytest.mark.asyncio
-async def test_stopping_writes_and_acknowledges_what_is_pending() -> None:
-    journal = Journal()
+async def test_stopping_with_a_full_spool_leaves_deliveries_unacknowledged(
+    journal: Journal, spool_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 30.0)
+    monkeypatch.setattr(batcher_module, "RETRY_MAX_S", 30.0)
+    monkeypatch.setattr(batcher_module, "HOLD_RECHECK_S", 30.0)
     influx = FakeInflux(journal)
-    batcher = PointBatcher(influx.write, max_points=100, max_delay_s=0.2, logger=log)
+    influx.mode = "down"
+    async with JournaledSpool(spool_path, len(body(1)), journal) as spool:
+        batcher = PointBatcher(influx.write, spool, max_points=10, max_delay_s=0.01, logger=log)
+        stopping = asyncio.Event()
+        run = asyncio.create_task(batcher.run(stopping), name="batcher")
+        await batcher.add(*message(journal, 1))
+        await eventually(lambda: journal.acks() == ["ack 1"])
+        await batcher.add(*message(journal, 2))  # held: the spool is full
+        await eventually(lambda: batcher.holding)
+        await batcher.add(*message(journal, 3))  # waiting for the next batch
+
+        stopping.set()
+        await asyncio.wait_for(run, timeout=2)
+
+    # The broker hands 2 and 3 out again to whichever server process runs next.
+    assert journal.acks() == ["ack 1"]
+    assert influx.stored == []
+
+
+@pytest.mark.asyncio
+async def test_stopping_writes_and_acknowledges_what_is_pending(
+    journal: Journal, spool: Spool
+) -> None:
+    influx = FakeInflux(journal)
+    batcher = PointBatcher(influx.write, spool, max_points=100, max_delay_s=0.2, logger=log)
     stopping = asyncio.Event()
     run = asyncio.create_task(batcher.run(stopping), name="batcher")
     await batcher.add(*message(journal, 1, 2))

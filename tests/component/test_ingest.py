@@ -24,7 +24,7 @@ from fleet_protocol import (
     terminal_id,
 )
 from fleet_protocol.topics import topic
-from fleet_server.ingest import Ingest
+from fleet_server.ingest import ClockFault, Ingest, IngestLimits, QuarantinedSample
 from fleet_server.lineproto import Point
 from fleet_server.mqtt_ingest import Delivery
 from fleet_server.registry import Registry, SiteRecord
@@ -344,3 +344,159 @@ async def test_rejections_are_counted_per_terminal_and_reason(fleet: Fleet) -> N
         ("-", "bad_topic"): 1,
     }
     assert fleet.ingest.received[Channel.TELEMETRY] == 5
+
+
+# --- timestamps outside the window: quarantined, and a clock fault on the terminal ----------
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+
+
+def system(seq: int, ts: int) -> SystemSample:
+    return msgspec.structs.replace(SAMPLE, seq=seq, ts=ts, temperatures={})
+
+
+@pytest.mark.asyncio
+async def test_a_sample_stamped_two_hours_ahead_is_quarantined_not_written(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fleet.state(KIOSK, birth(7))
+
+    ack = await fleet.telemetry(KIOSK, telemetry(system(1, NOW + 2 * HOUR_MS)))
+
+    assert fleet.sink.batches == []
+    assert ack.calls == 1  # nothing to store, so nothing to wait for
+    assert fleet.ingest.quarantined == {(KIOSK, "future"): 1}
+    assert fleet.ingest.clock_faults == {KIOSK: ClockFault(NOW, NOW, 2 * HOUR_MS, 1)}
+    [example] = fleet.ingest.quarantine[KIOSK]
+    assert example == QuarantinedSample("system", 1, NOW + 2 * HOUR_MS, NOW, "future")
+    assert fleet.ingest.rejected == {}
+    assert [r.getMessage() for r in caplog.records if "clock fault" in r.getMessage()] == [
+        f"{KIOSK}: clock fault, samples stamped +7200 s from server time are quarantined, "
+        "not stored"
+    ]
+
+
+@pytest.mark.asyncio
+async def test_in_a_mixed_message_only_the_samples_outside_the_window_are_held_back(
+    fleet: Fleet,
+) -> None:
+    await fleet.state(KIOSK, birth(7))
+    samples = [
+        system(1, NOW - 9 * DAY_MS),  # older than the outbox keeps anything
+        system(2, NOW - 7 * DAY_MS),  # an old backlog, still in the window
+        system(3, NOW + 9 * 60_000),  # slightly ahead: within the 10 minutes allowed
+        system(4, NOW + 11 * 60_000),
+    ]
+
+    ack = await fleet.telemetry(KIOSK, telemetry(*samples, historical=True))
+
+    assert [p.fields["seq"] for p in fleet.sink.points] == [2, 3]
+    assert ack.calls == 0  # left to the sink, which acknowledges once stored
+    assert fleet.ingest.quarantined == {(KIOSK, "too_old"): 1, (KIOSK, "future"): 1}
+    assert fleet.ingest.clock_faults[KIOSK] == ClockFault(NOW, NOW, 11 * 60_000, 2)
+    assert [s.seq for s in fleet.ingest.quarantine[KIOSK]] == [1, 4]
+
+
+@pytest.mark.asyncio
+async def test_the_window_is_configurable(tmp_path: Path) -> None:
+    async with Registry(tmp_path / "registry.db") as registry:
+        await registry.migrate()
+        sink = RecordingSink()
+        ingest = Ingest(
+            registry,
+            sink,
+            logging.getLogger("test.ingest"),
+            now_ms=lambda: NOW,
+            limits=IngestLimits(max_ahead_ms=1000, max_behind_ms=HOUR_MS),
+        )
+        topic_ = topic(KIOSK, Channel.TELEMETRY)
+        payload = telemetry(system(1, NOW + 1001), system(2, NOW - HOUR_MS - 1), system(3, NOW))
+        await ingest.handle(Delivery(topic_, payload, AckCounter()))
+
+    assert [p.fields["seq"] for p in sink.points] == [3]
+    assert ingest.quarantined == {(KIOSK, "future"): 1, (KIOSK, "too_old"): 1}
+
+
+@pytest.mark.asyncio
+async def test_the_clock_fault_clears_with_the_next_live_message_in_the_window(
+    fleet: Fleet,
+) -> None:
+    await fleet.state(KIOSK, birth(7))
+    for seq in (1, 2, 3):
+        await fleet.telemetry(KIOSK, telemetry(system(seq, NOW + 2 * HOUR_MS + seq)))
+    assert fleet.ingest.clock_faults[KIOSK].count == 3
+
+    # A backlog proves nothing about the clock now; a live sample does.
+    await fleet.telemetry(KIOSK, telemetry(system(4, NOW - HOUR_MS), historical=True))
+    assert KIOSK in fleet.ingest.clock_faults
+    await fleet.telemetry(KIOSK, telemetry(system(5, NOW)))
+    assert fleet.ingest.clock_faults == {}
+
+    # The counts stay; only five examples are kept.
+    for seq in range(6, 12):
+        await fleet.telemetry(KIOSK, telemetry(system(seq, NOW + DAY_MS)))
+    assert fleet.ingest.quarantined == {(KIOSK, "future"): 9}
+    assert [s.seq for s in fleet.ingest.quarantine[KIOSK]] == [7, 8, 9, 10, 11]
+    assert fleet.ingest.clock_faults[KIOSK].count == 6
+    assert [p.fields["seq"] for p in fleet.sink.points] == [4, 5]
+
+
+# --- flooding -------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.mark.asyncio
+async def test_a_terminal_sending_more_than_allowed_a_minute_is_flagged_once_per_episode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    async with Registry(tmp_path / "registry.db") as registry:
+        await registry.migrate()
+        sink = RecordingSink()
+        limits = IngestLimits(flood_per_minute=5)
+        ingest = Ingest(registry, sink, logging.getLogger("test.ingest"), clock, limits)
+        fleet = Fleet(ingest, registry, sink)
+        for _ in range(5):
+            await fleet.telemetry(KIOSK, telemetry(system(1, NOW)))
+            await fleet.telemetry(OTHER, telemetry(system(1, NOW)))
+        assert fleet.ingest.flooding() == {}
+
+        # The sixth message in a minute, garbage or not, makes KIOSK a flooder; more of them
+        # are not logged again.
+        for _ in range(20):
+            clock.now += 100
+            await fleet.telemetry(KIOSK, b"not json")
+        assert fleet.ingest.flooding() == {KIOSK: NOW + 100}
+        warnings = [r for r in caplog.records if "floods" in r.getMessage()]
+        assert [r.getMessage() for r in warnings] == [
+            f"{KIOSK} floods: more than 5 messages a minute (an agent sends about 10)"
+        ]
+
+        # A minute at the limit ends the episode.
+        clock.now = NOW + 60_000
+        for _ in range(5):
+            await fleet.telemetry(KIOSK, telemetry(system(1, NOW)))
+        assert KIOSK in fleet.ingest.flooding()
+        clock.now = NOW + 120_000
+        await fleet.telemetry(KIOSK, telemetry(system(1, NOW)))
+        assert fleet.ingest.flooding() == {}
+
+        # A backlog replayed fast (marked historical) is not a flood; and a flooder that
+        # falls silent is let go after a quiet minute.
+        for _ in range(50):
+            await fleet.telemetry(OTHER, telemetry(system(1, NOW), historical=True))
+        assert fleet.ingest.flooding() == {}
+        for _ in range(6):
+            await fleet.deliver(topic(OTHER, Channel.EVENTS), b"{}")
+        assert fleet.ingest.flooding() == {OTHER: NOW + 120_000}
+        clock.now += 2 * 60_000
+        assert fleet.ingest.flooding() == {}
+        assert fleet.ingest.rejected == {(KIOSK, "malformed"): 20}
