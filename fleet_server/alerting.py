@@ -202,7 +202,11 @@ class AlertingService:
         table, policy = self._table, self._policy
         assert table is not None
         assert policy is not None
-        if now - self._fleet_at >= self._settings.fleet_refresh_ms:
+        placed = policy.fleet.terminals
+        newcomer = any(i.terminal not in placed for i in self._inputs)
+        if newcomer or now - self._fleet_at >= self._settings.fleet_refresh_ms:
+            # A terminal heard of for the first time is placed (at the site its state names)
+            # before its message is decided on: its first drop must not go unalerted.
             policy.fleet = await self._fleet(now)
         decisions: list[Decision] = []
         statuses: dict[str, str] = {}

@@ -9,6 +9,7 @@ GET /metrics              the same and more in Prometheus text format (fleet_ser
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from fleet_protocol.ops import TerminalList
 from fleet_server.errors import FleetServerError
 from fleet_server.metrics import CONTENT_TYPE, IngestStats, fleet_families, render
+from fleet_server.ops_fleet_api import add_fleet_routes
 from fleet_server.registry import Registry
 
 __all__ = ["IngestStats", "make_app", "serve"]
@@ -63,6 +65,10 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def make_app(
     registry: Registry,
     stats: Callable[[], IngestStats],
@@ -70,6 +76,8 @@ def make_app(
     *,
     terminal_states: Counts | None = None,
     mail_counters: Counts | None = None,
+    ack_secret: bytes | None = None,
+    clock: Callable[[], int] = wall_ms,
 ) -> web.Application:
     """The ops API. ``terminal_states`` counts terminals by presence state for /metrics (by
     default the registry's online/offline/unknown); ``mail_counters`` are the mailer's
@@ -84,6 +92,7 @@ def make_app(
     app.router.add_get("/api/v1/terminals", _terminals)
     app.router.add_get("/api/v1/ingest", _ingest)
     app.router.add_get("/metrics", _metrics)
+    add_fleet_routes(app, registry, ack_secret=ack_secret, clock=clock)
     return app
 
 

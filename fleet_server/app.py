@@ -12,10 +12,14 @@ With ``[enrolment]`` the server also serves enrolment and renewal over HTTPS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
 from fleet_protocol.enrolment import RENEW_PATH
+from fleet_server.alert_policy import AlertSettings
+from fleet_server.alerting import AlertingService, AlertingSettings, wall_ms
 from fleet_server.api import make_app, serve
 from fleet_server.batcher import PointBatcher
 from fleet_server.config import ServerConfig
@@ -28,9 +32,14 @@ from fleet_server.enrolment_api import (
 from fleet_server.errors import ConfigError, InfluxUnavailable
 from fleet_server.influx import InfluxDB
 from fleet_server.ingest import Ingest, IngestLimits
+from fleet_server.mail_message import Mailbox
+from fleet_server.mail_outbox import MailOutbox
+from fleet_server.mailer import Mailer
 from fleet_server.metrics import ClockFaultView, IngestStats, SpoolView
 from fleet_server.mqtt_ingest import MqttIngest
+from fleet_server.presence_table import PresenceSettings
 from fleet_server.registry import Registry, SiteRecord
+from fleet_server.smtp import SmtpSender, SmtpSettings
 from fleet_server.spool import Spool
 from fleet_server.stopping import sleep_unless_stopped
 from provisioning.authority import FleetAuthority
@@ -56,7 +65,9 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
             timeout_s=config.influx.timeout_s,
         ) as influx,
         Spool(config.spool_path, config.influx.spool_max_bytes) as spool,
+        contextlib.AsyncExitStack() as mail_stack,
     ):
+        mailer = await _mailer(config, mail_stack)
         await registry.migrate()
         if not await _ensure_database(influx, stopping):
             return
@@ -70,10 +81,18 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
             slow_write_s=config.influx.slow_write_s,
         )
         limits = config.ingest
+        alerting = AlertingService(
+            registry,
+            await _alerting_settings(config),
+            mailer,
+            holder=config.broker.client_id,
+            log=logging.getLogger("fleet-server.alerts"),
+        )
         ingest = Ingest(
             registry,
             batcher,
             log,
+            watcher=alerting,
             limits=IngestLimits(
                 max_ahead_ms=int(limits.max_ahead_s * 1000),
                 max_behind_ms=int(limits.max_behind_s * 1000),
@@ -87,7 +106,16 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
 
         authority = await _open_authority(config)
         stop_api = await serve(
-            make_app(registry, stats, mqtt.connected.is_set), config.api.host, config.api.port
+            make_app(
+                registry,
+                stats,
+                mqtt.connected.is_set,
+                terminal_states=lambda: alerting.counters.statuses,
+                mail_counters=(lambda: dataclasses.asdict(mailer.counters)) if mailer else None,
+                ack_secret=await _ack_secret(config),
+            ),
+            config.api.host,
+            config.api.port,
         )
         log.info("ops API on http://%s:%d", config.api.host, config.api.port)
         stop_enrolment = None
@@ -105,6 +133,9 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
                 tg.create_task(mqtt.run(ingest.handle, stopping), name="ingest")
                 tg.create_task(batcher.run(stopping), name="batcher")
                 tg.create_task(_last_seen(registry, ingest, stopping), name="last-seen")
+                tg.create_task(alerting.run(stopping), name="alerting")
+                if mailer is not None:
+                    tg.create_task(mailer.run(stopping), name="mailer")
                 if authority is not None and config.enrolment is not None:
                     tg.create_task(
                         pki_upkeep(authority, config.enrolment.upkeep_s, stopping),
@@ -154,6 +185,80 @@ def _stats(ingest: Ingest, batcher: PointBatcher, spool: Spool, connected: bool)
             for t, f in ingest.clock_faults.items()
         },
         flooding=sorted(ingest.flooding()),
+    )
+
+
+async def _mailer(config: ServerConfig, stack: contextlib.AsyncExitStack) -> Mailer | None:
+    m = config.mail
+    if m is None:
+        log.info("no [mail] section: alerts are decided and recorded, but not e-mailed")
+        return None
+    password = None
+    if m.password_file is not None:
+        password = (await _read_secret(m.password_file, "[mail] password_file")).decode().strip()
+    sender = SmtpSender(
+        SmtpSettings(
+            host=m.smtp_host,
+            port=m.smtp_port,
+            mail_from=m.from_address,
+            security=m.security,
+            username=m.username,
+            password=password,
+            timeout_s=m.timeout_s,
+        ),
+        logging.getLogger("fleet-server.mail"),
+    )
+    outbox = await stack.enter_async_context(MailOutbox(config.mail_outbox_path))
+    return Mailer(outbox, sender, wall_ms, logging.getLogger("fleet-server.mail"))
+
+
+async def _ack_secret(config: ServerConfig) -> bytes | None:
+    m = config.mail
+    if m is None or m.ack_secret_file is None:
+        return None
+    secret = (await _read_secret(m.ack_secret_file, "[mail] ack_secret_file")).strip()
+    if len(secret) < 16:
+        raise ConfigError(f"[mail] ack_secret_file {m.ack_secret_file}: needs 16 bytes or more")
+    return secret
+
+
+async def _read_secret(path: str, what: str) -> bytes:
+    try:
+        return await asyncio.to_thread(Path(path).read_bytes)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
+
+
+async def _alerting_settings(config: ServerConfig) -> AlertingSettings:
+    a, m = config.alerts, config.mail
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    return AlertingSettings(
+        presence=PresenceSettings(
+            stale_after_ms=ms(a.stale_after_s),
+            heartbeat_timeout_ms=ms(a.heartbeat_timeout_s),
+            planned_margin_ms=ms(a.planned_margin_s),
+            flap_window_ms=ms(a.flap_window_s),
+            flap_threshold=a.flap_threshold,
+            flap_quiet_ms=ms(a.flap_quiet_s),
+        ),
+        alerts=AlertSettings(
+            after_opening_ms=ms(a.after_opening_s),
+            peripheral_grace_ms=ms(a.peripheral_grace_s),
+            district_grace_ms=ms(a.district_grace_s),
+            remind_every_ms=ms(a.remind_every_s),
+            escalate_after_ms=ms(a.escalate_after_s),
+            district_percent=a.district_percent,
+            district_min_down=a.district_min_down,
+        ),
+        district_ops={d: tuple(addresses) for d, addresses in a.district_ops.items()},
+        sender=Mailbox(m.from_name, m.from_address) if m else AlertingSettings().sender,
+        mail_domain=m.from_address.rpartition("@")[2] if m else "localhost.localdomain",
+        ack_base_url=m.ack_url if m else None,
+        ack_secret=await _ack_secret(config),
+        tick_s=a.tick_s,
     )
 
 

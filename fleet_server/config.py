@@ -41,6 +41,31 @@ Example (only ``[influx] url`` and ``[registry] path`` have no useful default)::
     public_url = "https://fleet.example.gov.cn:8701"  # as kiosks reach it (for renewals)
     upkeep_s = 60                  # revoke renewed-away certificates, keep the CRL fresh
 
+    [mail]                         # optional: alert e-mails to site owners and district ops
+    smtp_host = "smtp.example.gov.cn"
+    smtp_port = 587
+    security = "starttls"          # "starttls", "tls" or "none"
+    # username = "fleet"; password_file = "/etc/fleet-server/smtp-password"
+    from_address = "fleet@example.gov.cn"
+    from_name = "政务服务自助终端运维"
+    outbox_path = "/var/lib/fleet-server/mail.sqlite3"   # default: next to the registry;
+                                   # server processes may share it (each mail goes out once)
+    ack_url = "https://fleet.example.gov.cn:8700"     # acknowledge links point here
+    ack_secret_file = "/etc/fleet-server/ack-secret"  # 16+ bytes, the same in every process
+
+    [alerts]
+    after_opening_s = 900          # down at night, still down this long after opening: alert
+    peripheral_grace_s = 300
+    remind_every_s = 14400
+    escalate_after_s = 7200
+    district_percent = 10          # ops get a district alert when this share of the
+    district_min_down = 3          # district's terminals (and at least this many) are down
+    stale_after_s = 180            # connected but silent: stale (no alert) ...
+    heartbeat_timeout_s = 300      # ... and offline after this (a will that never came)
+    planned_margin_s = 300         # a planned reboot not back by its time + this: offline
+    [alerts.district_ops]
+    "金山区" = ["ops@jinshan.example.gov.cn"]
+
     [[sites]]                      # placement of sites until the registry import arrives
     id = "zhujing-dqzx"
     name = "朱泾镇党群服务中心"
@@ -51,7 +76,7 @@ Example (only ``[influx] url`` and ``[registry] path`` have no useful default)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -136,6 +161,52 @@ class SiteSettings(_Section, frozen=True, kw_only=True):
     district: Name
 
 
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)]
+Email = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\Z")]
+
+
+class MailSettings(_Section, frozen=True, kw_only=True):
+    smtp_host: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+    smtp_port: Port = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password_file: FilePath | None = None
+    from_address: Email
+    from_name: Name = "政务服务自助终端运维"
+    timeout_s: Seconds = 30.0
+    outbox_path: FilePath | None = None
+    ack_url: Annotated[str, msgspec.Meta(pattern=r"^https?://")] | None = None
+    ack_secret_file: FilePath | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ack_url is None) != (self.ack_secret_file is None):
+            raise ValueError("ack_url and ack_secret_file go together")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+
+
+class AlertsSettings(_Section, frozen=True, kw_only=True):
+    after_opening_s: Seconds = 900.0
+    peripheral_grace_s: Seconds = 300.0
+    district_grace_s: Seconds = 300.0
+    remind_every_s: Seconds = 4 * 3600.0
+    escalate_after_s: Seconds = 2 * 3600.0
+    district_percent: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    district_min_down: Annotated[int, msgspec.Meta(ge=1)] = 3
+    stale_after_s: Seconds = 180.0
+    heartbeat_timeout_s: Seconds = 300.0
+    planned_margin_s: Seconds = 300.0
+    flap_window_s: Seconds = 600.0
+    flap_threshold: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 4
+    flap_quiet_s: Seconds = 600.0
+    tick_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    district_ops: dict[str, list[Email]] = {}
+
+    def __post_init__(self) -> None:
+        if self.stale_after_s >= self.heartbeat_timeout_s:
+            raise ValueError("stale_after_s must be below heartbeat_timeout_s")
+
+
 class ServerConfig(_Section, frozen=True, kw_only=True):
     influx: InfluxSettings
     registry: RegistrySettings
@@ -143,6 +214,8 @@ class ServerConfig(_Section, frozen=True, kw_only=True):
     ingest: IngestSettings = IngestSettings()
     api: ApiSettings = ApiSettings()
     enrolment: EnrolmentSettings | None = None
+    mail: MailSettings | None = None
+    alerts: AlertsSettings = AlertsSettings()
     sites: list[SiteSettings] = []
 
     def __post_init__(self) -> None:
@@ -162,6 +235,12 @@ class ServerConfig(_Section, frozen=True, kw_only=True):
         if self.influx.spool_path is not None:
             return Path(self.influx.spool_path)
         return self.registry_path.parent / f"spool-{self.broker.client_id}.sqlite3"
+
+    @property
+    def mail_outbox_path(self) -> Path:
+        if self.mail is not None and self.mail.outbox_path is not None:
+            return Path(self.mail.outbox_path)
+        return self.registry_path.parent / "mail.sqlite3"
 
 
 def parse_config(data: bytes, source: str) -> ServerConfig:

@@ -37,6 +37,7 @@ from fleet_protocol.errors import DecodeError, TopicError
 from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import (
     NetworkSample,
+    Peripherals,
     PowerSample,
     Sample,
     State,
@@ -145,6 +146,15 @@ class PresenceStore(Protocol):
     ) -> Presence | None: ...
 
     async def placement(self, terminal: TerminalId) -> Placement: ...
+
+
+class PresenceWatcher(Protocol):
+    """Who decides presence and alerts (``fleet_server.alerting``): told every state and
+    peripherals snapshot as it arrives, stale ones too (it orders them itself)."""
+
+    def state(self, terminal: TerminalId, message: State, received_ms: int) -> None: ...
+
+    def peripherals(self, terminal: TerminalId, message: Peripherals, received_ms: int) -> None: ...
 
 
 class PointSink(Protocol):
@@ -273,9 +283,12 @@ class Ingest:
         points: PointSink,
         logger: logging.Logger,
         now_ms: Callable[[], int] = wall_ms,
+        *,
         limits: IngestLimits = IngestLimits(),
+        watcher: PresenceWatcher | None = None,
     ) -> None:
         self._presence = presence
+        self._watcher = watcher
         self._points = points
         self._log = logger
         self._now_ms = now_ms
@@ -309,7 +322,15 @@ class Ingest:
             self._watch(terminal)
         try:
             if where.channel is Channel.STATE:
-                await self._state(terminal, decode(State, delivery.payload), delivery.ack)
+                state = decode(State, delivery.payload)
+                if self._watcher is not None:
+                    self._watcher.state(terminal, state, self._now_ms())
+                await self._state(terminal, state, delivery.ack)
+            elif where.channel is Channel.PERIPHERALS:
+                snapshot = decode(Peripherals, delivery.payload)
+                if self._watcher is not None:
+                    self._watcher.peripherals(terminal, snapshot, self._now_ms())
+                delivery.ack()
             elif where.channel is Channel.TELEMETRY:
                 try:
                     telemetry = decode(Telemetry, delivery.payload)

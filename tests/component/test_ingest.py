@@ -462,7 +462,7 @@ async def test_a_terminal_sending_more_than_allowed_a_minute_is_flagged_once_per
         await registry.migrate()
         sink = RecordingSink()
         limits = IngestLimits(flood_per_minute=5)
-        ingest = Ingest(registry, sink, logging.getLogger("test.ingest"), clock, limits)
+        ingest = Ingest(registry, sink, logging.getLogger("test.ingest"), clock, limits=limits)
         fleet = Fleet(ingest, registry, sink)
         for _ in range(5):
             await fleet.telemetry(KIOSK, telemetry(system(1, NOW)))

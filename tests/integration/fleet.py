@@ -286,16 +286,21 @@ class RunningServer:
 
 
 def start_server(
-    stack: StackInfo, workdir: Path, *, enrolment: bool = False, upkeep_s: float = 60.0
+    stack: StackInfo,
+    workdir: Path,
+    *,
+    enrolment: bool = False,
+    upkeep_s: float = 60.0,
+    extra: str = "",
 ) -> RunningServer:
-    """Start a fleet server on ``stack``; wait until its subscription is up."""
+    """Start a fleet server on ``stack``; wait until its subscription is up. ``extra`` is
+    appended to its config file (``[mail]``, ``[alerts]`` ...)."""
     tag = uuid.uuid4().hex[:8]
     api_port = free_port()
     enrol_port = free_port()
     enrol_url = f"https://127.0.0.1:{enrol_port}"
-    extra = ""
     if enrolment:
-        extra = f"""
+        extra += f"""
 [enrolment]
 pki_dir = "{stack.pki_dir}"
 host = "127.0.0.1"
@@ -327,3 +332,35 @@ upkeep_s = {upkeep_s}
     assert proc.popen is not None
     assert proc.popen.poll() is None, f"fleet-server exited:\n{proc.output()[-3000:]}"
     return RunningServer(proc, api, f"t_{tag}", enrol_url)
+
+
+def provision_sim(stack: StackInfo, tls_dir: Path, prefix: str, count: int, site: str) -> None:
+    """Certificates for fleet-sim's kiosks ``{prefix}-0001`` on, made ops-side as the demo
+    does."""
+    authority = FleetAuthority.open(stack.pki_dir)
+    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (tls_dir / "ca.pem").write_bytes(authority.ca_pem)
+    for i in range(1, count + 1):
+        terminal = f"{prefix}-{i:04d}"
+        authority.provision_identity(terminal, site, tls_dir / f"{terminal}.pem", actor="tests")
+
+
+def start_sim(
+    stack: StackInfo, workdir: Path, prefix: str, count: int, *options: str, site: str
+) -> tuple[Proc, Path]:
+    """A fleet-sim of ``count`` kiosks at ``site``; returns it and its control socket."""
+    tls_dir = workdir / "tls"
+    provision_sim(stack, tls_dir, prefix, count, site)
+    control = workdir / "control.sock"
+    proc = Proc(
+        [
+            str(BIN / "fleet-sim"),
+            *("--terminals", str(count), "--prefix", prefix, "--site", site),
+            *("--broker-port", str(stack.mqtt_port), "--tls-dir", str(tls_dir)),
+            *("--state-dir", str(workdir / "state"), "--control", str(control)),
+            *("--log-level", "INFO"),
+            *options,
+        ],
+        workdir / "fleet-sim.log",
+    ).start()
+    return proc, control

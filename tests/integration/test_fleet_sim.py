@@ -24,7 +24,6 @@ import pytest
 
 from fleet_protocol.codec import decode
 from fleet_protocol.messages import Event, Peripherals, PeripheralStatus, State
-from provisioning.authority import FleetAuthority
 from provisioning.stack import StackInfo, running_stack
 from tests.integration.fleet import (
     BIN,
@@ -36,6 +35,7 @@ from tests.integration.fleet import (
     mqtt_client,
     service_identity,
     start_server,
+    start_sim,
 )
 
 pytestmark = pytest.mark.integration
@@ -160,48 +160,6 @@ class Observer:
         return states[-1] if states else None
 
 
-def provision(stack: StackInfo, tls_dir: Path, prefix: str, count: int) -> None:
-    """Certificates for the simulated kiosks, made ops-side as the demo does."""
-    authority = FleetAuthority.open(stack.pki_dir)
-    tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (tls_dir / "ca.pem").write_bytes(authority.ca_pem)
-    for i in range(1, count + 1):
-        terminal = f"{prefix}-{i:04d}"
-        authority.provision_identity(terminal, SITE, tls_dir / f"{terminal}.pem", actor="tests")
-
-
-def start_sim(
-    stack: StackInfo, workdir: Path, prefix: str, count: int, *options: str
-) -> tuple[Proc, Path]:
-    tls_dir = workdir / "tls"
-    provision(stack, tls_dir, prefix, count)
-    control = workdir / "control.sock"
-    proc = Proc(
-        [
-            str(BIN / "fleet-sim"),
-            "--terminals",
-            str(count),
-            "--prefix",
-            prefix,
-            "--site",
-            SITE,
-            "--broker-port",
-            str(stack.mqtt_port),
-            "--tls-dir",
-            str(tls_dir),
-            "--state-dir",
-            str(workdir / "state"),
-            "--control",
-            str(control),
-            "--log-level",
-            "INFO",
-            *options,
-        ],
-        workdir / "fleet-sim.log",
-    ).start()
-    return proc, control
-
-
 @dataclass
 class Sim:
     stack: StackInfo
@@ -305,6 +263,7 @@ def sim(sim_stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Itera
         TERMINALS,
         *("--profile", "comprehensive", "--real-devices", "1"),
         *("--interval", "1", "--debounce", "1", "--clock-check", "10"),
+        site=SITE,
     )
     sim = Sim(stack, server, proc, control, observer, prefix)
     try:
@@ -545,6 +504,7 @@ def test_sigterm_stops_every_kiosk_with_a_retained_shutdown(
         prefix,
         3,
         *("--profile", "comprehensive", "--real-devices", "1", "--interval", "1"),
+        site=SITE,
     )
     terminals = [f"{prefix}-{n:04d}" for n in (1, 2, 3)]
     try:
