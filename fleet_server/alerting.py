@@ -245,9 +245,10 @@ class AlertingService:
             return
         if not (decisions or statuses or force) and now - self._saved_at < SAVE_EVERY_MS:
             return
+        presence_now = table.snapshot()
         new = await self._registry.save_engines(
             {
-                "presence": msgspec.json.encode(table.snapshot()),
+                "presence": msgspec.json.encode(presence_now),
                 "alerts": msgspec.json.encode(policy.snapshot()),
             },
             statuses,
@@ -257,7 +258,7 @@ class AlertingService:
         self._saved_at = now
         self.counters.decisions += len(new)
         counts: dict[str, int] = {}
-        for presence in table.snapshot().terminals.values():
+        for presence in presence_now.terminals.values():
             counts[presence.status] = counts.get(presence.status, 0) + 1
         self.counters.statuses = counts
         fresh = set(new)
