@@ -12,11 +12,12 @@ STAMP := $(VENV)/.installed
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 DEMO_DIR ?= .demo
 PYTEST_ARGS ?=
+MOSQUITTO_MIN := 2.0.18
 
 # binary -> Debian package that provides it
 SYSTEM_DEPS := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/sbin/upsd:nut-server /lib/nut/dummy-ups:nut-server /usr/bin/chromium:chromium /usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei
 
-.PHONY: help system-deps venv setup check test test-unit test-component test-integration bench demo clean
+.PHONY: help system-deps broker venv setup check test test-unit test-component test-integration bench demo clean
 
 help:
 	@echo "make demo    install what is missing, then run the stack, the fleet server and kiosks"
@@ -38,6 +39,27 @@ system-deps:
 	  apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@$(MAKE) --no-print-directory broker
+
+# Mosquitto before 2.0.18 aborts now and then ("free(): invalid pointer") when it saves its
+# persistence file while offline MQTT 5 sessions hold queued messages; Debian 12 ships 2.0.11.
+# On Debian 12 the fixed broker comes from bookworm-backports (Debian's own, signed build).
+broker:
+	@have=$$(dpkg-query -W -f='$${Version}' mosquitto 2>/dev/null || true); \
+	if dpkg --compare-versions "$${have:-0}" ge $(MOSQUITTO_MIN); then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "Mosquitto $${have:-(none)} is older than $(MOSQUITTO_MIN) (run as root, or install it from bookworm-backports)"; exit 1; fi; \
+	. /etc/os-release; \
+	if [ "$${VERSION_CODENAME:-}" = bookworm ]; then \
+	  printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+	    'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+	    > /etc/apt/sources.list.d/bookworm-backports.sources; \
+	  target="-t bookworm-backports"; \
+	else target=""; fi; \
+	echo "installing Mosquitto >= $(MOSQUITTO_MIN) (have $${have:-none})"; \
+	apt-get update -qq; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$target mosquitto; \
+	have=$$(dpkg-query -W -f='$${Version}' mosquitto); \
+	dpkg --compare-versions "$$have" ge $(MOSQUITTO_MIN) || { echo "Mosquitto $$have installed, $(MOSQUITTO_MIN) needed"; exit 1; }
 
 $(STAMP): pyproject.toml
 	@[ -x "$(PY)" ] || $(PYTHON) -m venv $(VENV)
