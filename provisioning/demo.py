@@ -24,7 +24,8 @@ from typing import Final, TextIO
 
 import msgspec
 
-from provisioning import stack
+from fleet_protocol.site_import import parse_sites
+from provisioning import ops_client, stack
 from provisioning.authority import FleetAuthority, save_settings
 from provisioning.errors import DemoError
 
@@ -34,22 +35,42 @@ class DemoSite:
     id: str
     name: str
     town: str
+    kind: str
+    #: The ``[sites.hours]`` lines of its sites-file entry; empty for a 24-hour site.
+    hours: str
+    #: Its owner's name and mailbox (at jinshan.example.gov.cn).
+    owner: tuple[str, str]
 
 
 DISTRICT: Final = "金山区"
-SITES: Final = (
-    DemoSite("zhujing-dqzx", "朱泾镇党群服务中心", "朱泾镇"),
-    DemoSite("fengjing-dqzx", "枫泾镇党群服务中心", "枫泾镇"),
-    DemoSite("tinglin-dqzx", "亭林镇党群服务中心", "亭林镇"),
-    DemoSite(
-        "shihua-sqsw",
-        "石化街道社区事务受理服务中心（24小时自助服务区）",
-        "石化街道",
-    ),
-    DemoSite("zhujing-daijing-cun", "朱泾镇待泾村村民服务点", "朱泾镇"),
-    DemoSite("fengjing-zhonghong-cun", "枫泾镇中洪村村民服务点", "枫泾镇"),
-    DemoSite("tinglin-yuntao-cun", "亭林镇运河村村民服务点", "亭林镇"),
+_CENTRE_HOURS: Final = (
+    "".join(
+        f'{day} = ["08:30-12:00", "13:30-17:30"]\n' for day in ("mon", "tue", "wed", "thu", "fri")
+    )
+    + 'sat = ["09:00-12:00"]\n'
 )
+_VILLAGE_HOURS: Final = "".join(
+    f'{day} = ["08:30-11:30", "13:30-17:00"]\n' for day in ("mon", "tue", "wed", "thu", "fri")
+)
+SITES: Final = (
+    DemoSite("zhujing-dqzx", "朱泾镇党群服务中心", "朱泾镇", "党群服务中心",
+             _CENTRE_HOURS, ("王磊", "wang.lei")),
+    DemoSite("fengjing-dqzx", "枫泾镇党群服务中心", "枫泾镇", "党群服务中心",
+             _CENTRE_HOURS, ("李娜", "li.na")),
+    DemoSite("tinglin-dqzx", "亭林镇党群服务中心", "亭林镇", "党群服务中心",
+             _CENTRE_HOURS, ("张伟", "zhang.wei")),
+    DemoSite("shihua-sqsw", "石化街道社区事务受理服务中心（24小时自助服务区）", "石化街道",
+             "社区事务受理服务中心", "", ("刘洋", "liu.yang")),
+    DemoSite("zhujing-daijing-cun", "朱泾镇待泾村村民服务点", "朱泾镇", "村居服务点",
+             _VILLAGE_HOURS, ("陈静", "chen.jing")),
+    DemoSite("fengjing-zhonghong-cun", "枫泾镇中洪村村民服务点", "枫泾镇", "村居服务点",
+             _VILLAGE_HOURS, ("杨帆", "yang.fan")),
+    DemoSite("tinglin-yuntao-cun", "亭林镇运河村村民服务点", "亭林镇", "村居服务点",
+             _VILLAGE_HOURS, ("赵敏", "zhao.min")),
+)  # fmt: skip
+#: The demo's sites get a short grace, so an alert shows within a minute of a fault.
+DEMO_GRACE_S: Final = 60
+DEMO_OPS: Final = "ops@jinshan.example.gov.cn"
 #: Real agent processes, one per town centre kiosk.
 AGENTS: Final = (
     ("zhujing-dqzx-01", "zhujing-dqzx"),
@@ -120,7 +141,45 @@ pki_dir = {_toml_str(str(info.pki_dir))}
 host = "127.0.0.1"
 port = {enrol_port}
 public_url = "https://127.0.0.1:{enrol_port}"
+
+# Alerts go to the stack's SMTP sink, which keeps each e-mail as a file.
+[mail]
+smtp_host = {_toml_str(info.smtp_host)}
+smtp_port = {info.smtp_port}
+security = "none"
+from_address = "fleet@jinshan.example.gov.cn"
+from_name = "金山区政务服务自助终端运维"
+
+[alerts.district_ops]
+{_toml_str(DISTRICT)} = [{_toml_str(DEMO_OPS)}]
 {sites}"""
+
+
+def sites_file() -> str:
+    """The demo's sites as ops would import them (`fleetctl sites import`): owners, opening
+    hours (a 24-hour zone has none), and the site kinds."""
+    out = []
+    for s in SITES:
+        name, mailbox = s.owner
+        out.append(
+            f"[[sites]]\nid = {_toml_str(s.id)}\nname = {_toml_str(s.name)}\n"
+            f"district = {_toml_str(DISTRICT)}\ntown = {_toml_str(s.town)}\n"
+            f"kind = {_toml_str(s.kind)}\naddress = {_toml_str(DISTRICT + s.name)}\n"
+            f"owners = [{{ name = {_toml_str(name)}, "
+            f"email = {_toml_str(mailbox + '@jinshan.example.gov.cn')} }}]\n"
+            f"grace_s = {DEMO_GRACE_S}\n"
+            + (f"[sites.hours]\n{s.hours}" if s.hours else "open_24h = true\n")
+        )
+    return "\n".join(out)
+
+
+def _import_sites(api: str, children: _Children, path: Path) -> str:
+    """Once the fleet server answers, write the demo's sites file and import it as ops
+    would; says what was done."""
+    _wait_for_api(api, children)
+    path.write_text(sites_file(), "utf-8")
+    imported = ops_client.import_sites(api, parse_sites(path.read_bytes(), path.name))
+    return f"imported {imported.added + imported.updated} sites from {path}"
 
 
 def _enrol_agent(
@@ -415,7 +474,7 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
                 children.start(
                     "fleet-server", [str(bin_dir / "fleet-server"), "run", "--config", str(cfg)]
                 )
-                _wait_for_api(api, children)
+                step(_import_sites(api, children, workdir / "server" / "sites.toml"))
                 step(f"simulating the peripherals of {KIOSK_WITH_DEVICES} ...")
                 pages = _start_kiosks(
                     _Kiosks(bin_dir, authority, workdir, enrol_url, api_port), children, step
@@ -490,6 +549,9 @@ def _print_running(
 
 How to look at it (in another shell, from this directory):
   .venv/bin/fleetctl terminals list --server {api}
+  .venv/bin/fleetctl sites list --server {api}
+  .venv/bin/fleetctl alerts list --server {api}
+  ls {info.maildir}        (the e-mails owners and district ops were sent)
   curl -s {api}/api/v1/ingest
   curl -sG {info.influx_url}/query --data-urlencode db={info.influx_database} \\
        --data-urlencode "q={q}"
@@ -498,7 +560,9 @@ How to look at it (in another shell, from this directory):
   .venv/bin/fleetctl token create --pki {info.pki_dir} --terminal jinshan-new-01 --site zhujing-dqzx
 
 Try:
-  kill -9 one kiosk-agent (see {workdir / "logs"}) and watch it go offline;
+  kill -9 one kiosk-agent (see {workdir / "logs"}) and watch it go offline: in opening
+  hours its site's owner is e-mailed {DEMO_GRACE_S} s later (24-hour zone: any time), and
+  again when it is back;
   inject a fault into a simulated village kiosk (power-cut, reboot, unplug id-card-reader,
   flap, clock-skew 120 ...; `fleet-sim inject --help`):
     .venv/bin/fleet-sim inject --control {sock} {SIM_PREFIX}-0001 power-cut 30

@@ -108,6 +108,21 @@ def test_demo_runs_a_jinshan_fleet_and_ctrl_c_stops_everything(tmp_path: Path) -
         assert "8/8 online" in human
         assert "在线 online" in human
 
+        # Its sites were imported as ops would: owners to e-mail, opening hours, a 24-hour zone.
+        sites = json.loads(
+            subprocess.run(
+                [str(BIN / "fleetctl"), "sites", "list", "--server", api, "--json"],
+                capture_output=True,
+                check=True,
+                timeout=20,
+            ).stdout
+        )
+        assert len(sites) == 7
+        assert all(site["owners"] for site in sites)
+        by_id = {site["id"]: site for site in sites}
+        assert by_id["shihua-sqsw"]["schedule"].get("open_24h") is True
+        assert by_id["zhujing-dqzx"]["schedule"]["hours"]["sat"] == [{"start": 540, "end": 720}]
+
         # The kiosk with simulated peripherals shows them on its status page.
         page = eventually(
             lambda: (
