@@ -27,6 +27,11 @@ class TerminalView(msgspec.Struct, frozen=True, kw_only=True):
     last_seen_ms: Millis | None = None
     agent_version: ShortText | None = None
     presence: PresenceStatus | None = None
+    #: While its samples are quarantined for a wrong clock: the kiosk's clock minus the
+    #: server's (positive: ahead).
+    clock_offset_ms: int | None = None
+    #: Sending more messages than any healthy agent would.
+    flooding: bool = False
 
 
 class TerminalList(msgspec.Struct, frozen=True, kw_only=True):

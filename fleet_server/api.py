@@ -40,7 +40,23 @@ def _json(value: object, status: int = 200) -> web.Response:
 
 
 async def _terminals(request: web.Request) -> web.Response:
-    return _json(TerminalList(terminals=await request.app[REGISTRY].terminals()))
+    """The registry's terminals, with what ingest knows of them now: a wrong clock, a flood."""
+    views = await request.app[REGISTRY].terminals()
+    stats = request.app[STATS]()
+    flooding = set(stats.flooding)
+    faults = stats.clock_faults
+    if flooding or faults:
+        views = [
+            msgspec.structs.replace(
+                v,
+                clock_offset_ms=faults[v.id].offset_ms if v.id in faults else None,
+                flooding=v.id in flooding,
+            )
+            if v.id in flooding or v.id in faults
+            else v
+            for v in views
+        ]
+    return _json(TerminalList(terminals=views))
 
 
 async def _ingest(request: web.Request) -> web.Response:

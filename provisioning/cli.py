@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Final, TextIO, TypeAlias
 from zoneinfo import ZoneInfo
 
-from fleet_protocol.ops import AlertEntry
+from fleet_protocol.ops import AlertEntry, TerminalView
 from fleet_protocol.site_import import SitesFileError, parse_sites
 from fleet_protocol.sites import DAY_NAMES, Schedule, Site
 from provisioning import demo, ops_client, pki_commands, stack
@@ -395,17 +395,38 @@ def _terminals_list(args: argparse.Namespace, out: TextIO) -> int:
         out.write("no terminals yet / 暂无终端\n")
         return EXIT_OK
     now_ms = time.time() * 1000
-    rows = [("终端 terminal", "状态 status", "站点 site", "镇 town", "最后在线 last seen")]
+    rows = [("终端 terminal", "状态 status", "站点 site", "镇 town", "最后在线 last seen", "")]
     for t in listing.terminals:
         status = {"online": "在线 online", "offline": "离线 offline"}.get(t.status, "未知 unknown")
         if t.status == "offline" and t.reason:
             status += f" ({t.reason})"
         seen = "-" if t.last_seen_ms is None else _ago(now_ms - t.last_seen_ms)
-        rows.append((t.id, status, t.site_name or t.site or "-", t.town or "-", seen))
+        site = t.site_name or t.site or "-"
+        rows.append((t.id, status, site, t.town or "-", seen, _terminal_notes(t)))
     _table(rows, out)
     online = sum(t.status == "online" for t in listing.terminals)
     out.write(f"{online}/{len(listing.terminals)} online\n")
     return EXIT_OK
+
+
+_PRESENCE_NOTES: Final = {
+    "stale": "无数据 stale",
+    "planned": "计划重启 planned",
+    "flapping": "频繁掉线 flapping",
+}
+
+
+def _terminal_notes(t: TerminalView) -> str:
+    """What else ops should see about a terminal: its presence beyond on/off, a wrong clock
+    (its samples are quarantined), a flood of messages."""
+    notes = []
+    if t.presence in _PRESENCE_NOTES:
+        notes.append(_PRESENCE_NOTES[t.presence])
+    if t.clock_offset_ms is not None:
+        notes.append(f"时钟偏差 clock {t.clock_offset_ms / 1000:+.0f} s")
+    if t.flooding:
+        notes.append("消息过多 flooding")
+    return ", ".join(notes)
 
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
