@@ -28,7 +28,9 @@ Faults, injected through the control socket (``--control PATH``) with
 
 ==================  ============================================================================
 power-cut [S]       the socket is dropped without DISCONNECT and the agent dies; power is back
-                    after S seconds (default 30) and the kiosk boots again
+                    after S seconds (default 30) and the kiosk boots again. A kiosk that is down
+                    already (a reboot under way) boots S seconds after the cut, however soon it
+                    would have been back otherwise
 reboot [S]          a planned reboot: state "planned" first, back after S seconds (default 20)
 paper-out / paper-ok  the receipt printer runs out of paper / gets a new roll
 unplug P / plug P   USB peripheral P is unplugged / plugged back in
@@ -215,6 +217,9 @@ class SimulatedTerminal:
         self.lives = 0
         #: An agent is running (False while the kiosk is down after a reboot or power cut).
         self.running = False
+        #: Between two lives, down (rebooting or without power) until this ``time.monotonic``.
+        self._down_until: float | None = None
+        self._down_changed = asyncio.Event()
 
     def now_ms(self) -> int:
         return wall_ms() + self.skew_ms
@@ -265,7 +270,7 @@ class SimulatedTerminal:
             await self._until_down(life, stopping)
             if stopping.is_set():
                 return
-            await sleep_unless_stopped(stopping, self.down_s)
+            await self._stay_down(stopping)
             self.machine.rebooted()
 
     async def _boot(self) -> asyncio.Task[None] | None:
@@ -319,6 +324,32 @@ class SimulatedTerminal:
         finally:
             self.running = False
 
+    async def _stay_down(self, stopping: asyncio.Event) -> None:
+        """Down for ``down_s``, or until a power cut meanwhile says power is back."""
+        self._down_until = time.monotonic() + self.down_s
+        try:
+            while not stopping.is_set():
+                left = self._down_until - time.monotonic()
+                if left <= 0:
+                    return
+                self._down_changed.clear()
+                waits = [
+                    asyncio.create_task(stopping.wait(), name="sim-wait"),
+                    asyncio.create_task(self._down_changed.wait(), name="sim-wait"),
+                ]
+                try:
+                    await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in waits:
+                        task.cancel()
+        finally:
+            self._down_until = None
+
+    @property
+    def down(self) -> bool:
+        """Down between two lives: rebooting, or without power."""
+        return self._down_until is not None
+
     def _new_agent(self) -> Agent:
         return Agent(
             self.config,
@@ -342,6 +373,11 @@ class SimulatedTerminal:
 
     def power_cut(self, down_s: float) -> None:
         self.down_s = down_s
+        if self._down_until is not None:
+            # Down already (a reboot under way): no agent to kill, and power is back in down_s.
+            self._down_until = time.monotonic() + down_s
+            self._down_changed.set()
+            return
         self._power_cut = True
         if self.agent is not None:
             self.agent.uplink.cut_link()
@@ -397,10 +433,11 @@ class SimulatedFleet:
 
     async def _power_cut(self, t: SimulatedTerminal, _fault: str, value: str | None) -> str:
         down = _seconds(value, default=30.0)
-        if not t.running:
-            raise ValueError(f"{t.id} is down already (rebooting or without power)")
+        if not (t.running or t.down):
+            raise ValueError(f"{t.id} is booting; cut its power once it runs or is down")
+        while_down = " while it was down" if t.down else ""
         t.power_cut(down)
-        return f"power cut, back in {down:g} s"
+        return f"power cut{while_down}, back in {down:g} s"
 
     async def _reboot(self, t: SimulatedTerminal, _fault: str, value: str | None) -> str:
         agent = t.agent
