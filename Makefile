@@ -89,7 +89,11 @@ test-component: venv
 test-integration: setup
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
+# The ingest benchmark's baseline is Mosquitto's own C clients, matching the broker's version.
 bench: setup
+	@[ -x /usr/bin/mosquitto_sub ] || { . /etc/os-release; \
+	  target=""; [ "$${VERSION_CODENAME:-}" = bookworm ] && target="-t bookworm-backports"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$target mosquitto-clients; }
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 demo: setup

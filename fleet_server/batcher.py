@@ -1,10 +1,17 @@
 """Points go to InfluxDB in batches, through an on-disk spool whenever InfluxDB cannot take them.
 
 A batch is due when ``max_points`` are waiting or ``max_delay_s`` after the first of them,
-whichever comes first. The deliveries that produced it are acknowledged once it is *durable*:
-written to InfluxDB, or appended to the spool (a file; see `fleet_server.spool`). So an outage
-of InfluxDB costs disk, not memory, and not the broker's queue either: the agents' backlogs
-keep draining into the server while InfluxDB is away, and a crash loses nothing that was
+whichever comes first, or at once when half the broker's window is waiting for acknowledgement
+(a delivery's ack says so: ``window_used()``, see `fleet_server.mqtt_ingest`). MQTT's Receive
+Maximum caps the unacknowledged deliveries; when they hold fewer than ``max_points`` points,
+waiting for the timer would stall ingest (one window per ``max_delay_s``), and waiting until
+the window is full would stop the broker while the batch is written. Storing at half lets the
+other half arrive meanwhile: the next batch is whatever came during the last write.
+
+The deliveries that produced a batch are acknowledged once it is *durable*: written to
+InfluxDB, or appended to the spool (a file; see `fleet_server.spool`). So an outage of
+InfluxDB costs disk, not memory, and not the broker's queue either: the agents' backlogs keep
+draining into the server while InfluxDB is away, and a crash loses nothing that was
 acknowledged.
 
 Why a spool, and why this shape:
@@ -50,6 +57,8 @@ RETRY_MAX_S = 10.0
 #: How long a batch that cannot be stored anywhere (spool full) waits before it is tried again
 #: when nothing else happens meanwhile.
 HOLD_RECHECK_S = 1.0
+#: A batch is due once this share of the broker's window waits for acknowledgement.
+WINDOW_DUE = 0.5
 
 
 class SpoolError(StoreError):
@@ -157,6 +166,8 @@ class PointBatcher:
         if len(self._points) >= self._max_points:
             self._full.set()
             self._room.clear()
+        elif _window_used(ack) >= WINDOW_DUE:
+            self._full.set()  # due now, but add() may go on while it is being stored
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Flush batches and replay the spool until ``stopping``; then flush what is left once.
@@ -314,6 +325,13 @@ class PointBatcher:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def _window_used(ack: Ack) -> float:
+    """The share of the broker's window (Receive Maximum) waiting for acknowledgement, as the
+    delivery's ``ack`` tells it; 0 for an ack that does not (any callable is an ack)."""
+    window_used = getattr(ack, "window_used", None)
+    return 0.0 if window_used is None else float(window_used())
 
 
 async def _wait_any(

@@ -114,6 +114,10 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+#: A point's series key (measurement and tags) and its fields' ``key=`` prefixes, checked.
+_Shape = tuple[bytes, tuple[str, ...]]
+
+
 class LineProtocolError(FleetServerError, ValueError):
     """A point that line protocol cannot carry exactly; the message says which part and why."""
 
@@ -149,43 +153,49 @@ def encode_points(points: Iterable[Point]) -> bytes:
 
 
 def _encode(point: Point) -> bytes:
-    measurement = _check_name(point.measurement, "measurement", "point", pairs_uncarried=True)
-    where = f"measurement {_show(measurement)}"
-    if measurement.startswith("#"):
-        raise LineProtocolError(
-            f"{where}: starts with '#', so InfluxDB would take the line for a comment"
-        )
+    fields = point.fields
+    shape = (point.measurement, tuple(point.tags.items()), tuple(fields))
+    try:
+        known = _SHAPES.get(shape)
+    except TypeError:  # something unhashable, so not text: the full check refuses it
+        known = _check_shape(point)
+    if known is None:
+        known = _check_shape(point)
+        if len(_SHAPES) < MAX_CACHED_SHAPES:
+            _SHAPES[shape] = known
+    series_key, prefixes = known
+    # The keys are known to be good: only the values are left to check, in the same order.
+    encoded_fields: list[str] = []
+    for prefix, (key, value) in zip(prefixes, fields.items(), strict=True):
+        # The common types first; anything else (and every refusal) takes the general path.
+        if type(value) is float and math.isfinite(value):
+            encoded_fields.append(f"{prefix}{value!r}")
+        elif type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+            encoded_fields.append(f"{prefix}{value}i")
+        elif type(value) is bool:
+            encoded_fields.append(prefix + ("true" if value else "false"))
+        else:
+            encoded_fields.append(prefix + _field_value(value, key, _where(point.measurement)))
+    return series_key + f" {','.join(encoded_fields)} {_checked_ts(point)}".encode()
 
-    tags: dict[str, str] = {}
-    for raw_key, raw_value in point.tags.items():
-        key = _check_key(raw_key, "tag key", where, pairs_uncarried=False)
-        value: object = raw_value
-        if not isinstance(value, str):
-            raise LineProtocolError(
-                f"{where}: tag {_show(key)} must be a str, not {type(value).__name__}"
-            )
-        if value == "":
-            continue  # an absent tag reads back as "", and the server refuses "t="
-        label = f"tag {_show(key)} value {_show(value)}"
-        _check_text(value, label, where, names=True)
-        if value.endswith("\\"):
-            raise LineProtocolError(
-                f"{where}: {label} ends with a backslash, which would escape the separator after it"
-            )
-        tags[key] = value
-    series_key = "".join(
-        [
-            measurement.translate(_MEASUREMENT_ESCAPES),
-            *(
-                f",{key.translate(_KEY_ESCAPES)}={tags[key].translate(_KEY_ESCAPES)}"
-                for key in sorted(tags)
-            ),
-        ]
-    ).encode()
 
+# A fleet has few measurements and field keys, and one tag set per terminal and series: the
+# names of each such shape are checked and escaped once and kept (up to a bound; past it, the
+# rest is checked every time). Only what passed is kept, so anything refused is refused the
+# same way every time.
+_SHAPES: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], _Shape] = {}
+_PREFIXES: dict[tuple[str, ...], tuple[str, ...]] = {}
+MAX_CACHED_SHAPES = 32_768
+
+
+def _check_shape(point: Point) -> _Shape:
+    """Check the whole point, in order: measurement, tags, each field key and its value, the
+    timestamp; raise the first problem found. Its series key and its ``key=`` prefixes."""
+    series_key = _check_series_key(point.measurement, tuple(point.tags.items()))
+    where = _where(point.measurement)
     if not point.fields:
         raise LineProtocolError(f"{where}: a point needs at least one field")
-    encoded_fields: list[str] = []
+    prefixes: list[str] = []
     for raw_key, value in point.fields.items():
         key = _check_key(raw_key, "field key", where, pairs_uncarried=True)
         if key in point.tags:
@@ -200,16 +210,65 @@ def _encode(point: Point) -> bytes:
                 f"{where}: series key with field {_show(key)} is {key_bytes} bytes, "
                 f"more than InfluxDB's {MAX_KEY_BYTES}"
             )
-        encoded_fields.append(f"{escaped_key}={_field_value(value, key, where)}")
+        _field_value(value, key, where)
+        prefixes.append(f"{escaped_key}=")
+    _checked_ts(point)
+    shared = tuple(prefixes)
+    return series_key, _PREFIXES.setdefault(shared, shared)
 
+
+def _checked_ts(point: Point) -> int:
     ts_ms: object = point.ts_ms
     if isinstance(ts_ms, bool) or not isinstance(ts_ms, int):
-        raise LineProtocolError(f"{where}: ts_ms must be an int, not {type(ts_ms).__name__}")
+        raise LineProtocolError(
+            f"{_where(point.measurement)}: ts_ms must be an int, not {type(ts_ms).__name__}"
+        )
     if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
         raise LineProtocolError(
-            f"{where}: ts_ms {ts_ms} is outside InfluxDB's range {MIN_TS_MS}..{MAX_TS_MS}"
+            f"{_where(point.measurement)}: ts_ms {ts_ms} is outside InfluxDB's range "
+            f"{MIN_TS_MS}..{MAX_TS_MS}"
         )
-    return series_key + f" {','.join(encoded_fields)} {int(ts_ms)}".encode()
+    return int(ts_ms)
+
+
+def _check_series_key(measurement: str, tags: tuple[tuple[str, str], ...]) -> bytes:
+    name = _check_name(measurement, "measurement", "point", pairs_uncarried=True)
+    where = _where(name)
+    if name.startswith("#"):
+        raise LineProtocolError(
+            f"{where}: starts with '#', so InfluxDB would take the line for a comment"
+        )
+    checked: dict[str, str] = {}
+    for raw_key, raw_value in tags:
+        key = _check_key(raw_key, "tag key", where, pairs_uncarried=False)
+        value: object = raw_value
+        if not isinstance(value, str):
+            raise LineProtocolError(
+                f"{where}: tag {_show(key)} must be a str, not {type(value).__name__}"
+            )
+        if value == "":
+            continue  # an absent tag reads back as "", and the server refuses "t="
+        label = f"tag {_show(key)} value {_show(value)}"
+        _check_text(value, label, where, names=True)
+        if value.endswith("\\"):
+            raise LineProtocolError(
+                f"{where}: {label} ends with a backslash, which would escape the separator after it"
+            )
+        checked[key] = value
+    return "".join(
+        [
+            name.translate(_MEASUREMENT_ESCAPES),
+            *(
+                f",{key.translate(_KEY_ESCAPES)}={checked[key].translate(_KEY_ESCAPES)}"
+                for key in sorted(checked)
+            ),
+        ]
+    ).encode()
+
+
+def _where(measurement: str) -> str:
+    """How error messages name the point: by its measurement (checked before anything else)."""
+    return f"measurement {_show(measurement)}"
 
 
 def _field_value(value: object, key: str, where: str) -> str:

@@ -172,6 +172,51 @@ async def test_fewer_points_than_a_batch_are_written_after_max_delay(
         assert batcher.counters.points_written == 3
 
 
+class WindowAck:
+    """A delivery's ack that also tells how full the broker's window is, as MQTT ingest's do:
+    ``used`` deliveries of ``maximum`` unacknowledged, one fewer once acknowledged."""
+
+    def __init__(self, journal: Journal, name: str, window: list[int], maximum: int) -> None:
+        self._record = journal.ack(name)
+        self._window = window
+        self._maximum = maximum
+        window[0] += 1
+
+    def __call__(self) -> None:
+        self._record()
+        self._window[0] -= 1
+
+    def window_used(self) -> float:
+        return self._window[0] / self._maximum
+
+
+@pytest.mark.asyncio
+async def test_half_the_brokers_window_waiting_is_a_batch_without_waiting_for_the_timer(
+    journal: Journal, spool: Spool
+) -> None:
+    """Receive Maximum caps unacknowledged deliveries: with fewer points in them than a batch,
+    waiting for max_delay_s would let through one window per delay. Half of it is a batch."""
+    influx = FakeInflux(journal)
+    batcher = PointBatcher(influx.write, spool, max_points=1000, max_delay_s=30.0, logger=log)
+    window = [0]
+    async with running(batcher):
+        for seq in (1, 2, 3):
+            await batcher.add([point(seq)], WindowAck(journal, str(seq), window, maximum=8))
+        await asyncio.sleep(0.05)
+        assert influx.stored == []  # 3 of 8: not yet
+
+        await batcher.add([point(4)], WindowAck(journal, "4", window, maximum=8))  # 4 of 8
+        await eventually(lambda: len(journal.acks()) == 4, timeout_s=2.0)
+        assert influx.stored == [body(1, 2, 3, 4)]
+        assert_each_ack_follows_its_store(journal)
+        assert window == [0]
+
+        # A plain callable says nothing of a window: the timer decides, as before.
+        await batcher.add(*message(journal, 5))
+        await asyncio.sleep(0.05)
+        assert influx.stored == [body(1, 2, 3, 4)]
+
+
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("fast_retries")
 async def test_while_influx_is_down_batches_are_spooled_and_acknowledged_then_replayed(
