@@ -112,6 +112,7 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
+        #: One statement sequence at a time on the connection, reads included (see _reading).
         self._writing = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
@@ -148,6 +149,18 @@ class Registry:
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def _reading(
+        self, sql: str, parameters: Sequence[object] = ()
+    ) -> AsyncIterator[aiosqlite.Cursor]:
+        """A read, not interleaved with this process's write transactions. A query still open
+        on the connection holds its snapshot; ``BEGIN IMMEDIATE`` then cannot take the write
+        lock once another process has written since, and SQLite says "database is locked" at
+        once instead of waiting (SQLITE_BUSY_SNAPSHOT). Tasks share the connection, so reads
+        (ops API, alerting) take their turn with the writes (ingest)."""
+        async with self._writing, self.db.execute(sql, parameters) as cursor:
+            yield cursor
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -249,7 +262,7 @@ class Registry:
 
     async def placement(self, terminal: TerminalId) -> Placement:
         try:
-            async with self.db.execute(
+            async with self._reading(
                 "SELECT t.site, s.town, s.district FROM terminals t "
                 "LEFT JOIN sites s ON s.id = t.site WHERE t.id = ?",
                 (terminal,),
@@ -263,7 +276,7 @@ class Registry:
 
     async def terminals(self) -> list[TerminalView]:
         try:
-            async with self.db.execute(
+            async with self._reading(
                 "SELECT t.id, t.online, t.site, s.name, s.town, s.district, t.reason, "
                 "t.session, t.since_ms, t.last_seen_ms, t.agent_version, t.status "
                 "FROM terminals t LEFT JOIN sites s ON s.id = t.site ORDER BY t.id"
@@ -313,7 +326,7 @@ class Registry:
         """Every site imported with its owners and hours (sites only named in the server's
         config have no schedule and no owners, and are left out)."""
         try:
-            async with self.db.execute(
+            async with self._reading(
                 "SELECT doc FROM sites WHERE doc IS NOT NULL ORDER BY id"
             ) as cur:
                 rows = await cur.fetchall()
@@ -324,7 +337,7 @@ class Registry:
     async def site_terminals(self) -> dict[str, str]:
         """terminal -> site, for every terminal placed at a site."""
         try:
-            async with self.db.execute(
+            async with self._reading(
                 "SELECT id, site FROM terminals WHERE site IS NOT NULL"
             ) as cur:
                 rows = await cur.fetchall()
@@ -334,7 +347,7 @@ class Registry:
 
     async def last_seen(self) -> dict[str, int]:
         try:
-            async with self.db.execute(
+            async with self._reading(
                 "SELECT id, last_seen_ms FROM terminals WHERE last_seen_ms IS NOT NULL"
             ) as cur:
                 rows = await cur.fetchall()
@@ -371,9 +384,7 @@ class Registry:
 
     async def engine_state(self, name: str) -> bytes | None:
         try:
-            async with self.db.execute(
-                "SELECT doc FROM engine_state WHERE name = ?", (name,)
-            ) as cur:
+            async with self._reading("SELECT doc FROM engine_state WHERE name = ?", (name,)) as cur:
                 row = await cur.fetchone()
         except sqlite3.Error as exc:
             raise RegistryError(f"registry: cannot read the {name} state: {exc}") from exc
@@ -429,7 +440,7 @@ class Registry:
     async def alert_log(self, limit: int = 500) -> list[AlertLogEntry]:
         """The newest decisions first."""
         try:
-            async with self.db.execute(
+            async with self._reading(
                 "SELECT key, alert_id, action, at_ms, kind, subject, site, district, reason, "
                 "recipients FROM alert_log ORDER BY at_ms DESC, key LIMIT ?",
                 (limit,),

@@ -226,3 +226,36 @@ async def test_a_decision_is_stored_once_and_reported_new_once(tmp_path: Path) -
         assert await registry.engine_state("alerts") == b"{}"
         [view] = await registry.terminals()
         assert view.presence == "offline"
+
+
+@pytest.mark.asyncio
+async def test_reads_beside_writes_in_one_process_never_find_the_database_locked(
+    tmp_path: Path,
+) -> None:
+    """Two processes share the file; in one of them the ops API and the alerting engine read
+    while ingest writes, and the other process writes too. A read still open on the
+    connection when a write transaction begins would hold an old snapshot, and SQLite refuses
+    to upgrade it at once ("database is locked", without waiting), which stopped the server."""
+    path = tmp_path / "registry.db"
+    kiosks = [terminal_id(f"kiosk-pd-{n:03d}") for n in range(50)]
+    async with Registry(path) as a, Registry(path) as b:
+        await a.migrate()
+        await a.put_sites([SITE])
+        for kiosk in kiosks:
+            await a.apply_state(kiosk, birth(1), NOW)
+
+        async def other_process() -> None:
+            for n in range(200):
+                await b.touch(dict.fromkeys(kiosks, NOW + n))
+
+        async def reads() -> None:
+            for _ in range(100):
+                await a.terminals()
+                await a.last_seen()
+
+        async def writes() -> None:
+            for session in range(2, 102):
+                await a.apply_state(kiosks[session % len(kiosks)], birth(session), NOW)
+
+        await asyncio.gather(other_process(), reads(), writes())
+        assert len(await a.terminals()) == len(kiosks)
