@@ -13,6 +13,11 @@ at once to a client that allowed 50). So the client also stops *reading the sock
 incoming queue is above a high-water mark and resumes below a low-water mark: TCP flow control
 then holds the rest in the broker. Memory stays bounded whatever the broker does.
 
+The acknowledgement also tells how much of that window is in use (``window_used``, the share
+of Receive Maximum unacknowledged): with all of it in use nothing more arrives until something
+is acknowledged, so whoever holds deliveries back to batch them (``fleet_server.batcher``)
+stores them before that, instead of waiting for more or for a timer.
+
 aiomqtt exposes neither paho's manual acknowledgement nor a way to pause reading; both are
 done here, in :class:`_FlowControlledClient`, and nowhere else. While reading is paused for
 longer than the keep-alive (InfluxDB down for minutes), paho declares the link dead and the
@@ -24,6 +29,9 @@ Subscriptions:
 - state through a plain subscription: every process sees every terminal's presence, including
   the retained states when it (re)starts. Presence updates are idempotent (session ordering),
   so processing them in every process is safe.
+
+A planned stop unsubscribes from the shared filters before it disconnects; see
+:meth:`MqttIngest._leave_share_group`.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ RECONNECT_MIN_S = 0.5
 #: One server connection, not thousands: it may retry often. Every second it is away after the
 #: broker is back, agents hold their backlogs (no subscriber yet) and alerts wait.
 RECONNECT_MAX_S = 10.0
+#: How long a planned stop waits for the broker to confirm it left the share group.
+LEAVE_TIMEOUT_S = 5.0
+#: The channels subscribed through the share group (see ``_session``).
+_SHARED = (Channel.TELEMETRY, Channel.EVENTS, Channel.CMD_RESULT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +72,45 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Window:
+    """The deliveries of one connection handed out and not yet acknowledged."""
+
+    maximum: int
+    unacked: int = 0
+    #: False once the connection is gone: an ack for the old link is moot (the broker
+    #: redelivers after a reconnect).
+    live: bool = True
+
+
+class _Ack:
+    """A delivery's acknowledgement (PUBACK): ``ack()``. ``ack.window_used()`` is the share of
+    Receive Maximum that deliveries of this connection waiting for their ack take up now; at 1
+    the broker sends nothing more."""
+
+    __slots__ = ("_acked", "_mid", "_paho", "_qos", "_window")
+
+    def __init__(self, paho: Any, mid: int, qos: int, window: _Window) -> None:
+        self._paho = paho
+        self._mid = mid
+        self._qos = qos
+        self._window = window
+        self._acked = False
+        if qos > 0:
+            window.unacked += 1
+
+    def __call__(self) -> None:
+        if self._window.live and self._qos > 0:
+            self._paho.ack(self._mid, self._qos)
+            if not self._acked:
+                self._acked = True
+                self._window.unacked -= 1
+
+    def window_used(self) -> float:
+        window = self._window
+        return window.unacked / window.maximum if window.live else 0.0
 
 
 class _FlowQueue(asyncio.Queue[aiomqtt.Message]):
@@ -209,15 +260,10 @@ class MqttIngest:
     async def _session(self, handle: Handler, stopping: asyncio.Event) -> None:
         async with self._client() as client:
             paho = client._client  # noqa: SLF001 - manual acknowledgement, see module docstring
-            live = True
+            window = _Window(self._settings.receive_maximum)
 
             def acker(mid: int, qos: int) -> Callable[[], None]:
-                def ack() -> None:
-                    # After a reconnect the broker redelivers; an ack for the old link is moot.
-                    if live and qos > 0:
-                        paho.ack(mid, qos)
-
-                return ack
+                return _Ack(paho, mid, qos, window)
 
             group = self._settings.share_group
             try:
@@ -243,10 +289,23 @@ class MqttIngest:
                         self._settings.client_id,
                     )
                     await stopping.wait()
+                    await self._leave_share_group(client, group)
                     reader.cancel()
             finally:
-                live = False
+                window.live = False
                 self.connected.clear()
+
+    async def _leave_share_group(self, client: aiomqtt.Client, group: str) -> None:
+        """A planned stop leaves the shared subscriptions first. The session outlives the
+        connection (so a restarted process gets what was sent to it meanwhile), and Mosquitto
+        keeps handing a disconnected session its turn of every shared message: without this,
+        a process stopped for good would take its share of the fleet's telemetry with it,
+        queued for a client that never returns, until the session expires."""
+        shared = [shared_filter(c, group) for c in _SHARED]
+        try:
+            await client.unsubscribe(shared, timeout=LEAVE_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            self._log.warning("could not leave share group %s before stopping: %s", group, exc)
 
     async def _read(
         self,
