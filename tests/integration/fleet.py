@@ -14,15 +14,19 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
 
 from provisioning.authority import FleetAuthority, write_private
-from provisioning.stack import StackInfo
+from provisioning.stack import Service, StackInfo, status
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -213,6 +217,7 @@ def write_server_config(
     api_port: int,
     client_id: str = "fleet-server-1",
     share_group: str = "fleet",
+    keepalive_s: int = 5,
     extra: str = "",
 ) -> Path:
     path.write_text(
@@ -225,7 +230,7 @@ cert_file = "{stack.pki_dir / "fleet-server.pem"}"
 key_file = "{stack.pki_dir / "fleet-server.key"}"
 client_id = "{client_id}"
 share_group = "{share_group}"
-keepalive_s = 5
+keepalive_s = {keepalive_s}
 session_expiry_s = 60
 
 [influx]
@@ -244,6 +249,18 @@ port = {api_port}
         encoding="utf-8",
     )
     return path
+
+
+def stop_broker(stack: StackInfo, how: signal.Signals) -> None:
+    """Stop the stack's Mosquitto by its PID (``how``: SIGTERM, SIGKILL); wait until it is
+    gone. ``provisioning.stack.up`` starts it again on the same port."""
+    os.kill(stack.pid(Service.MQTT), how)
+
+    def stopped() -> bool:
+        found = status(stack.workdir)
+        return not any(s.running for s in found.services if s.service is Service.MQTT)
+
+    eventually(stopped, timeout=30)
 
 
 def server_healthy(api: str) -> bool:
@@ -279,6 +296,9 @@ class RunningServer:
     api: str
     database: str
     enrol_url: str
+    #: Its ``[broker] client_id``, which is also its name as an alerting lease holder.
+    client_id: str = ""
+    registry: Path | None = None
 
     def stop(self) -> None:
         code = self.proc.stop()
@@ -292,10 +312,21 @@ def start_server(
     enrolment: bool = False,
     upkeep_s: float = 60.0,
     extra: str = "",
+    registry: Path | None = None,
+    database: str | None = None,
+    share_group: str | None = None,
+    keepalive_s: int = 5,
 ) -> RunningServer:
     """Start a fleet server on ``stack``; wait until its subscription is up. ``extra`` is
-    appended to its config file (``[mail]``, ``[alerts]`` ...)."""
+    appended to its config file (``[mail]``, ``[alerts]`` ...).
+
+    Each server has its own client id. By default it also has its own registry, InfluxDB
+    database and share group; several processes of one fleet share them by passing the same
+    ``registry``, ``database`` and ``share_group``. Its MQTT keep-alive is a short 5 s unless
+    ``keepalive_s`` says otherwise."""
     tag = uuid.uuid4().hex[:8]
+    registry = registry or workdir / f"registry-{tag}.sqlite3"
+    database = database or f"t_{tag}"
     api_port = free_port()
     enrol_port = free_port()
     enrol_url = f"https://127.0.0.1:{enrol_port}"
@@ -312,11 +343,12 @@ upkeep_s = {upkeep_s}
         workdir / f"server-{tag}.toml",
         stack=stack,
         influx_url=stack.influx_url,
-        database=f"t_{tag}",
-        registry=workdir / f"registry-{tag}.sqlite3",
+        database=database,
+        registry=registry,
         api_port=api_port,
         client_id=f"fleet-server-{tag}",
-        share_group=f"g{tag}",
+        share_group=share_group or f"g{tag}",
+        keepalive_s=keepalive_s,
         extra=extra,
     )
     proc = Proc(
@@ -331,36 +363,138 @@ upkeep_s = {upkeep_s}
         raise
     assert proc.popen is not None
     assert proc.popen.poll() is None, f"fleet-server exited:\n{proc.output()[-3000:]}"
-    return RunningServer(proc, api, f"t_{tag}", enrol_url)
+    return RunningServer(proc, api, database, enrol_url, f"fleet-server-{tag}", registry)
 
 
-def provision_sim(stack: StackInfo, tls_dir: Path, prefix: str, count: int, site: str) -> None:
+def provision_sim(
+    stack: StackInfo,
+    tls_dir: Path,
+    prefix: str,
+    count: int,
+    site: str | Sequence[str],
+    *,
+    threads: int = 1,
+) -> None:
     """Certificates for fleet-sim's kiosks ``{prefix}-0001`` on, made ops-side as the demo
-    does."""
+    does. With several sites, kiosks are spread over them in turn, as fleet-sim does. Each
+    certificate is a key, a signature and fsynced writes: ``threads`` overlap the disk waits."""
+    sites = [site] if isinstance(site, str) else list(site)
     authority = FleetAuthority.open(stack.pki_dir)
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (tls_dir / "ca.pem").write_bytes(authority.ca_pem)
-    for i in range(1, count + 1):
+
+    def one(i: int) -> None:
         terminal = f"{prefix}-{i:04d}"
-        authority.provision_identity(terminal, site, tls_dir / f"{terminal}.pem", actor="tests")
+        authority.provision_identity(
+            terminal, sites[(i - 1) % len(sites)], tls_dir / f"{terminal}.pem", actor="tests"
+        )
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(one, range(1, count + 1)):
+            pass
 
 
 def start_sim(
-    stack: StackInfo, workdir: Path, prefix: str, count: int, *options: str, site: str
+    stack: StackInfo,
+    workdir: Path,
+    prefix: str,
+    count: int,
+    *options: str,
+    site: str | Sequence[str],
+    provision: bool = True,
+    log_level: str = "INFO",
 ) -> tuple[Proc, Path]:
-    """A fleet-sim of ``count`` kiosks at ``site``; returns it and its control socket."""
+    """A fleet-sim of ``count`` kiosks at ``site`` (or spread over several sites); returns it
+    and its control socket. ``provision=False``: the certificates are in ``workdir/tls``
+    already (see :func:`provision_sim`)."""
     tls_dir = workdir / "tls"
-    provision_sim(stack, tls_dir, prefix, count, site)
+    sites = [site] if isinstance(site, str) else list(site)
+    if provision:
+        provision_sim(stack, tls_dir, prefix, count, sites)
     control = workdir / "control.sock"
     proc = Proc(
         [
             str(BIN / "fleet-sim"),
-            *("--terminals", str(count), "--prefix", prefix, "--site", site),
+            *("--terminals", str(count), "--prefix", prefix),
+            *(arg for s in sites for arg in ("--site", s)),
             *("--broker-port", str(stack.mqtt_port), "--tls-dir", str(tls_dir)),
             *("--state-dir", str(workdir / "state"), "--control", str(control)),
-            *("--log-level", "INFO"),
+            *("--log-level", log_level),
             *options,
         ],
         workdir / "fleet-sim.log",
     ).start()
     return proc, control
+
+
+def inject(control: Path, terminal: str, *fault: str) -> str:
+    """``fleet-sim inject``: a fault into one kiosk of a running simulation; what it did."""
+    result = subprocess.run(
+        [str(BIN / "fleet-sim"), "inject", "--control", str(control), terminal, *fault],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def sites_toml(
+    path: Path,
+    sites: Mapping[str, str],
+    *,
+    owners: Sequence[str],
+    grace_s: int,
+    district: str | Mapping[str, str] = "金山区",
+    town: str = "朱泾镇",
+) -> Path:
+    """A sites file for ``fleetctl sites import``: 24-hour sites (id -> name), each with
+    ``owners`` and ``grace_s``, in one ``district`` or in each site's (site id -> district)."""
+    quoted = ", ".join(json.dumps(o, ensure_ascii=False) for o in owners)
+    text = ""
+    for site, name in sites.items():
+        text += f"""
+[[sites]]
+id = "{site}"
+name = "{name}"
+district = "{district if isinstance(district, str) else district[site]}"
+town = "{town}"
+kind = "village-point"
+address = "{town}测试路 1 号"
+owners = [{quoted}]
+open_24h = true
+grace_s = {grace_s}
+"""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def import_sites(api: str, sites_file: Path) -> str:
+    """``fleetctl sites import`` against the server at ``api``, as ops would; its output."""
+    imported = subprocess.run(
+        [str(BIN / "fleetctl"), "sites", "import", "--server", api, str(sites_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert imported.returncode == 0, imported.stderr
+    return imported.stdout
+
+
+def read_mails(maildir: Path) -> list[EmailMessage]:
+    """Every message the stack's SMTP sink received, oldest first."""
+    found = []
+    for path in sorted(maildir.glob("*.eml")):
+        message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
+        assert isinstance(message, EmailMessage)
+        found.append(message)
+    return found
+
+
+def mails_about(maildir: Path, words: str) -> list[EmailMessage]:
+    """The messages in the SMTP sink whose subject or text contains ``words``."""
+    return [
+        m for m in read_mails(maildir) if words in str(m["Subject"]) or words in m.get_content()
+    ]
