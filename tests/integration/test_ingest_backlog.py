@@ -1,6 +1,7 @@
 """The server's subscription under a broker backlog: everything arrives, nothing is dropped,
-and the in-process queue stays at its bound even though Mosquitto 2.0 pushes a resumed
-session's backlog past Receive Maximum."""
+and the in-process queue stays at its bound. (Mosquitto before 2.0.13 pushed a resumed
+session's backlog past Receive Maximum; the client then paused reading. The broker required
+now keeps to Receive Maximum, so the pause is a guard that need not trigger here.)"""
 
 from __future__ import annotations
 
@@ -93,4 +94,3 @@ async def test_a_backlog_is_worked_through_completely_with_a_bounded_queue(
     assert sorted(seen) == list(range(BACKLOG))  # nothing lost, nothing twice
     assert len(clients) == 1  # and no reconnect was needed to get it all
     assert clients[0].flow_queue.peak <= RECEIVE_MAXIMUM
-    assert clients[0].pauses > 0  # the broker did overrun Receive Maximum; reading paused
