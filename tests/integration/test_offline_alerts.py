@@ -13,9 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,9 @@ from tests.integration.fleet import (
     RunningServer,
     eventually,
     http_json,
+    import_sites,
+    mails_about,
+    sites_toml,
     start_server,
     start_sim,
 )
@@ -83,33 +84,7 @@ class Fleet:
         return None
 
     def mails_about(self, words: str) -> list[EmailMessage]:
-        found = []
-        for path in sorted(self.stack.layout.maildir.glob("*.eml")):
-            message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
-            assert isinstance(message, EmailMessage)
-            if words in str(message["Subject"]) or words in message.get_content():
-                found.append(message)
-        return found
-
-
-def _sites_file(path: Path, sites: dict[str, str]) -> Path:
-    owners = ", ".join(f'"{o}"' for o in OWNERS)
-    text = ""
-    for site, name in sites.items():
-        text += f"""
-[[sites]]
-id = "{site}"
-name = "{name}"
-district = "金山区"
-town = "朱泾镇"
-kind = "village-point"
-address = "朱泾镇测试路 1 号"
-owners = [{owners}]
-open_24h = true
-grace_s = {GRACE_S}
-"""
-    path.write_text(text, encoding="utf-8")
-    return path
+        return mails_about(self.stack.layout.maildir, words)
 
 
 @pytest.fixture(scope="module")
@@ -132,22 +107,8 @@ tick_s = 0.2
         )
         tag = uuid.uuid4().hex[:4]
         sites = {f"cun-{tag}-a": "测试村A服务点", f"cun-{tag}-c": "测试村C服务点"}
-        imported = subprocess.run(
-            [
-                str(BIN / "fleetctl"),
-                "sites",
-                "import",
-                "--server",
-                server.api,
-                str(_sites_file(workdir / "sites.toml", sites)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert imported.returncode == 0, imported.stderr
-        assert "导入 2 个点位" in imported.stdout
+        sites_file = sites_toml(workdir / "sites.toml", sites, owners=OWNERS, grace_s=GRACE_S)
+        assert "导入 2 个点位" in import_sites(server.api, sites_file)
         sims: dict[str, tuple[Proc, Path]] = {}
         prefixes: dict[str, str] = {}
         try:
