@@ -84,7 +84,7 @@ from fleet_protocol.codec import decode, encode
 from fleet_protocol.ids import site_id, terminal_id
 from fleet_protocol.messages import Sample, State, Telemetry
 from fleet_protocol.topics import Channel, topic
-from fleet_server.ingest import sample_points
+from fleet_server.telemetry_lines import sample_points
 from provisioning.stack import StackInfo, running_stack
 
 BIN = Path(sys.executable).parent

@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from fleet_server.errors import InfluxRejected, InfluxUnavailable, StoreError
-from fleet_server.lineproto import Point, encode_points
 from fleet_server.stopping import sleep_unless_stopped
 
 Write = Callable[[bytes], Awaitable[None]]
@@ -143,7 +142,8 @@ class PointBatcher:
         self._max_delay_s = max_delay_s
         self._slow_write_s = slow_write_s
         self._log = logger
-        self._points: list[Point] = []
+        self._bodies: list[bytes] = []  # line protocol, a body per delivery
+        self._points = 0
         self._acks: list[Ack] = []
         self._first = asyncio.Event()  # something is waiting
         self._full = asyncio.Event()  # a batch is due now
@@ -157,13 +157,15 @@ class PointBatcher:
         #: True while a batch can go nowhere (spool full or failing): deliveries are held.
         self.holding = False
 
-    async def add(self, points: Sequence[Point], ack: Ack) -> None:
-        """Queue ``points``; ``ack`` runs once they are durable (or definitively refused)."""
+    async def add(self, lines: bytes, points: int, ack: Ack) -> None:
+        """Queue ``lines``, line protocol of ``points`` points (newline-separated, none at the
+        end); ``ack`` runs once they are durable (or definitively refused)."""
         await self._room.wait()
-        self._points.extend(points)
+        self._bodies.append(lines)
+        self._points += points
         self._acks.append(ack)
         self._first.set()
-        if len(self._points) >= self._max_points:
+        if self._points >= self._max_points:
             self._full.set()
             self._room.clear()
         elif _window_used(ack) >= WINDOW_DUE:
@@ -196,11 +198,11 @@ class PointBatcher:
         await self._flush(stopping, final=True)
 
     async def _flush(self, stopping: asyncio.Event, *, final: bool = False) -> None:
-        points, acks = self._points, self._acks
-        self._points, self._acks = [], []
+        bodies, points, acks = self._bodies, self._points, self._acks
+        self._bodies, self._points, self._acks = [], 0, []
         self._first.clear()
         self._full.clear()
-        if points and not await self._store(encode_points(points), len(points), stopping):
+        if bodies and not await self._store(b"\n".join(bodies), points, stopping):
             # Stopping with nowhere to put the batch: leave the deliveries unacknowledged so
             # the broker hands them out again to whichever server process runs next.
             return

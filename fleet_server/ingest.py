@@ -38,7 +38,6 @@ from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import (
     NetworkSample,
     Peripherals,
-    PowerSample,
     Sample,
     State,
     SystemSample,
@@ -46,10 +45,11 @@ from fleet_protocol.messages import (
 )
 from fleet_protocol.topics import Channel, parse
 from fleet_server.batcher import Ack
-from fleet_server.lineproto import FieldValue, LineProtocolError, Point
+from fleet_server.lineproto import LineProtocolError
 from fleet_server.mqtt_ingest import Delivery
 from fleet_server.presence import Presence
 from fleet_server.registry import Placement
+from fleet_server.telemetry_lines import TerminalLines
 
 #: Counter key for messages whose topic names no valid terminal.
 UNKNOWN_TERMINAL = "-"
@@ -158,111 +158,13 @@ class PresenceWatcher(Protocol):
 
 
 class PointSink(Protocol):
-    async def add(self, points: list[Point], ack: Ack) -> None: ...
+    async def add(self, lines: bytes, points: int, ack: Ack) -> None:
+        """Store ``points`` points, ``lines`` of line protocol; ``ack`` once they are durable."""
+        ...
 
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-Fields = dict[str, FieldValue]
-
-
-def sample_points(sample: Sample, tags: dict[str, str], historical: bool) -> list[Point]:
-    """The points of one sample, each at the sample's own timestamp with the terminal's tags.
-
-    - system: one ``system`` point, and one ``temperature`` point per sensor (tag ``sensor``).
-    - network: one ``network`` point per interface (tags ``iface`` and ``kind``) and, when the
-      agent measured its link, one ``link`` point (broker round trip, DNS).
-    - power: one ``power`` point.
-
-    Every point carries ``seq`` and ``historical`` as fields; optional values the agent did not
-    send are left out, never stored as a default.
-    """
-    if isinstance(sample, SystemSample):
-        return _system_points(sample, tags, historical)
-    if isinstance(sample, NetworkSample):
-        return _network_points(sample, tags, historical)
-    return _power_points(sample, tags, historical)
-
-
-def _optional(fields: Fields, **values: FieldValue | None) -> Fields:
-    fields.update({key: value for key, value in values.items() if value is not None})
-    return fields
-
-
-def _system_points(sample: SystemSample, tags: dict[str, str], historical: bool) -> list[Point]:
-    fields: Fields = {
-        "cpu_percent": sample.cpu_percent,
-        "memory_percent": sample.memory_percent,
-        "memory_available": sample.memory_available,
-        "disk_percent": sample.disk_percent,
-        "disk_free": sample.disk_free,
-        "uptime_s": sample.uptime_s,
-        "net_bytes_sent": sample.net_bytes_sent,
-        "net_bytes_recv": sample.net_bytes_recv,
-        "seq": sample.seq,
-        "historical": historical,
-    }
-    _optional(
-        fields,
-        load_1m=sample.load_1m,
-        on_ac=sample.on_ac,
-        battery_percent=sample.battery_percent,
-        boot_ms=sample.boot_ms,
-        reboot_count=sample.reboot_count,
-        clock_offset_ms=sample.clock_offset_ms,
-    )
-    points = [Point("system", tags, fields, sample.ts)]
-    points.extend(
-        Point("temperature", {**tags, "sensor": sensor}, {"celsius": celsius}, sample.ts)
-        for sensor, celsius in sample.temperatures.items()
-    )
-    return points
-
-
-def _network_points(sample: NetworkSample, tags: dict[str, str], historical: bool) -> list[Point]:
-    points = [
-        Point(
-            "network",
-            {**tags, "iface": iface.name, "kind": iface.kind},
-            _optional(
-                {
-                    "up": iface.up,
-                    "bytes_sent": iface.bytes_sent,
-                    "bytes_recv": iface.bytes_recv,
-                    "seq": sample.seq,
-                    "historical": historical,
-                },
-                errors=iface.errors,
-            ),
-            sample.ts,
-        )
-        for iface in sample.interfaces
-    ]
-    link = _optional(
-        {}, broker_rtt_ms=sample.broker_rtt_ms, dns_ok=sample.dns_ok, dns_ms=sample.dns_ms
-    )
-    if link:
-        link.update(seq=sample.seq, historical=historical)
-        points.append(Point("link", tags, link, sample.ts))
-    return points
-
-
-def _power_points(sample: PowerSample, tags: dict[str, str], historical: bool) -> list[Point]:
-    fields = _optional(
-        {"seq": sample.seq, "historical": historical},
-        on_ac=sample.on_ac,
-        battery_percent=sample.battery_percent,
-        ups_status=sample.ups_status,
-        ups_on_battery=sample.ups_on_battery,
-        ups_charge_percent=sample.ups_charge_percent,
-        ups_runtime_s=sample.ups_runtime_s,
-        supply_voltage=sample.supply_voltage,
-        cabinet_door_open=sample.cabinet_door_open,
-        cabinet_temperature=sample.cabinet_temperature,
-    )
-    return [Point("power", tags, fields, sample.ts)]
 
 
 def placement_tags(terminal: TerminalId, placement: Placement) -> dict[str, str]:
@@ -293,7 +195,8 @@ class Ingest:
         self._log = logger
         self._now_ms = now_ms
         self._limits = limits
-        self._tags: dict[TerminalId, dict[str, str]] = {}
+        #: Line protocol writers of terminals whose placement is complete.
+        self._lines: dict[TerminalId, TerminalLines] = {}
         self._floods = FloodWatch(limits.flood_per_minute)
         self.received: Counter[Channel] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()  # (terminal, reason)
@@ -379,7 +282,7 @@ class Ingest:
         now = self._now_ms()
         presence = await self._presence.apply_state(terminal, message, now)
         if presence is not None:
-            self._tags.pop(terminal, None)  # the site may be newly known
+            self._lines.pop(terminal, None)  # the site may be newly known
             self._log.info(
                 "%s %s (session %d%s)",
                 terminal,
@@ -390,18 +293,19 @@ class Ingest:
         ack()
 
     async def _telemetry(self, terminal: TerminalId, message: Telemetry, ack: Ack) -> None:
-        tags = self._tags.get(terminal)
-        if tags is None:
+        writer = self._lines.get(terminal)
+        if writer is None:
             tags = placement_tags(terminal, await self._presence.placement(terminal))
+            writer = TerminalLines(tags)
             if "site" in tags:  # cache only complete placements; retry until the site is known
-                self._tags[terminal] = tags
+                self._lines[terminal] = writer
         now = self._now_ms()
-        points: list[Point] = []
+        lines: list[str] = []
         outside: list[tuple[Sample, QuarantineReason]] = []
         for sample in message.samples:
             reason = self._outside_window(sample.ts, now)
             if reason is None:
-                points.extend(sample_points(sample, tags, message.historical))
+                writer.lines(sample, message.historical, lines)
             else:
                 outside.append((sample, reason))
         self.last_seen[terminal] = max(self.last_seen.get(terminal, 0), now)
@@ -412,8 +316,8 @@ class Ingest:
             self._log.info(
                 "%s: clock back in the window after %d quarantined samples", terminal, fault.count
             )
-        if points:
-            await self._points.add(points, ack)
+        if lines:
+            await self._points.add("\n".join(lines).encode(), len(lines), ack)
         else:
             ack()  # everything quarantined: nothing will be stored, nothing to wait for
 

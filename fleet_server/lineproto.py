@@ -86,6 +86,10 @@ __all__ = [
     "Point",
     "encode_point",
     "encode_points",
+    "field_prefix",
+    "field_text",
+    "series_key",
+    "timestamp",
 ]
 
 FieldValue = float | int | bool | str
@@ -150,6 +154,46 @@ def encode_point(point: Point) -> bytes:
 def encode_points(points: Iterable[Point]) -> bytes:
     """The points as a write body: lines separated by newlines (empty input -> b"")."""
     return b"\n".join(point._line for point in points)  # noqa: SLF001
+
+
+# --- pieces of lines, for encoders that know their schema (fleet_server.telemetry_lines) ------
+#
+# `Point` checks everything about every point it is given. An encoder whose measurements and
+# field keys are fixed, and whose values are typed by a decoded schema, can check the names
+# once and then build lines from these pieces, with the same rules and the same refusals.
+
+_SERIES: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+
+
+def series_key(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
+    """The escaped series key (measurement and tags, sorted) exactly as `Point` writes it.
+
+    Raises `LineProtocolError` as `Point` would. Checked once per distinct key and kept, up to
+    `MAX_CACHED_SHAPES` of them (past that, checked every time)."""
+    key = (measurement, tags)
+    known = _SERIES.get(key)
+    if known is None:
+        known = _check_series_key(measurement, tags).decode()
+        if len(_SERIES) < MAX_CACHED_SHAPES:
+            _SERIES[key] = known
+    return known
+
+
+def field_prefix(key: str, measurement: str) -> str:
+    """``key=`` with the key checked and escaped, for a field of ``measurement``."""
+    where = _where(measurement)
+    checked = _check_key(key, "field key", where, pairs_uncarried=True)
+    return f"{checked.translate(_KEY_ESCAPES)}="
+
+
+def field_text(value: object, key: str, measurement: str) -> str:
+    """A field value as line protocol, or `LineProtocolError` naming the field and why."""
+    return _field_value(value, key, _where(measurement))
+
+
+def timestamp(ts_ms: int, measurement: str) -> int:
+    """``ts_ms`` if InfluxDB can store it, else `LineProtocolError`."""
+    return _checked_ts_value(ts_ms, measurement)
 
 
 def _encode(point: Point) -> bytes:
@@ -218,14 +262,17 @@ def _check_shape(point: Point) -> _Shape:
 
 
 def _checked_ts(point: Point) -> int:
-    ts_ms: object = point.ts_ms
+    return _checked_ts_value(point.ts_ms, point.measurement)
+
+
+def _checked_ts_value(ts_ms: object, measurement: str) -> int:
     if isinstance(ts_ms, bool) or not isinstance(ts_ms, int):
         raise LineProtocolError(
-            f"{_where(point.measurement)}: ts_ms must be an int, not {type(ts_ms).__name__}"
+            f"{_where(measurement)}: ts_ms must be an int, not {type(ts_ms).__name__}"
         )
     if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
         raise LineProtocolError(
-            f"{_where(point.measurement)}: ts_ms {ts_ms} is outside InfluxDB's range "
+            f"{_where(measurement)}: ts_ms {ts_ms} is outside InfluxDB's range "
             f"{MIN_TS_MS}..{MAX_TS_MS}"
         )
     return int(ts_ms)

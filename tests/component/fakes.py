@@ -5,11 +5,11 @@ acknowledgement. Each records what happened in a form a test can assert on direc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from fleet_server.batcher import Ack
 from fleet_server.errors import InfluxRejected, InfluxUnavailable
-from fleet_server.lineproto import Point
+from fleet_server.lineproto import FieldValue, Point
 
 
 class Journal:
@@ -62,17 +62,71 @@ class FakeInflux:
 
 
 class RecordingSink:
-    """A point sink that keeps what it is given and never acknowledges on its own."""
+    """A point sink that keeps what it is given, read back into points, and never
+    acknowledges on its own."""
 
     def __init__(self) -> None:
         self.batches: list[tuple[list[Point], Ack]] = []
 
-    async def add(self, points: Sequence[Point], ack: Ack) -> None:
-        self.batches.append((list(points), ack))
+    async def add(self, lines: bytes, points: int, ack: Ack) -> None:
+        parsed = [parse_line(line) for line in lines.decode().split("\n")]
+        assert len(parsed) == points, f"{points} points announced, {len(parsed)} lines given"
+        self.batches.append((parsed, ack))
 
     @property
     def points(self) -> list[Point]:
         return [p for points, _ in self.batches for p in points]
+
+
+def parse_line(line: str) -> Point:
+    """One line of line protocol read back (what InfluxDB would store), for lines whose names
+    and tag values hold no backslash of their own (test data)."""
+    head, fields_text, ts = _split(line, " ")
+    measurement, *tag_texts = _split(head, ",")
+    tags = dict(_unescape_pair(t) for t in tag_texts)
+    fields: dict[str, FieldValue] = {}
+    for text in _split(fields_text, ","):
+        key, raw = _split(text, "=", maxsplit=1)
+        fields[_unescape(key)] = _value(raw)
+    return Point(_unescape(measurement), tags, fields, int(ts))
+
+
+def _split(text: str, sep: str, maxsplit: int = -1) -> list[str]:
+    """``text`` split at ``sep`` where it is neither escaped nor inside a quoted string."""
+    parts: list[str] = []
+    start, i, quoted = 0, 0, False
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == '"':
+            quoted = not quoted
+        elif char == sep and not quoted and (maxsplit < 0 or len(parts) < maxsplit):
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\,", ",").replace("\\=", "=").replace("\\ ", " ")
+
+
+def _unescape_pair(text: str) -> tuple[str, str]:
+    key, value = _split(text, "=", maxsplit=1)
+    return _unescape(key), _unescape(value)
+
+
+def _value(raw: str) -> FieldValue:
+    if raw.startswith('"'):
+        return raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    if raw in ("true", "false"):
+        return raw == "true"
+    if raw.endswith("i"):
+        return int(raw[:-1])
+    return float(raw)
 
 
 class AckCounter:

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from fleet_server import batcher as batcher_module
 from fleet_server.batcher import PointBatcher, SpoolDepth
-from fleet_server.lineproto import Point
+from fleet_server.lineproto import Point, encode_points
 from fleet_server.spool import Spool
 from tests.component.fakes import FakeInflux, Journal, eventually
 
@@ -38,9 +38,15 @@ def body(*seqs: int) -> bytes:
     return "\n".join(line(s) for s in seqs).encode()
 
 
-def message(journal: Journal, *seqs: int) -> tuple[list[Point], batcher_module.Ack]:
-    """The points of one delivery and its acknowledgement, named after the points' seqs."""
-    return [point(s) for s in seqs], journal.ack(",".join(str(s) for s in seqs))
+def lines(*seqs: int) -> tuple[bytes, int]:
+    """The line protocol of ``point(seq)`` for each seq, and how many points that is."""
+    return encode_points(point(s) for s in seqs), len(seqs)
+
+
+def message(journal: Journal, *seqs: int) -> tuple[bytes, int, batcher_module.Ack]:
+    """The lines of one delivery, their count and its acknowledgement, named after the points'
+    seqs."""
+    return *lines(*seqs), journal.ack(",".join(str(s) for s in seqs))
 
 
 def stored_lines(influx: FakeInflux) -> list[str]:
@@ -201,11 +207,11 @@ async def test_half_the_brokers_window_waiting_is_a_batch_without_waiting_for_th
     window = [0]
     async with running(batcher):
         for seq in (1, 2, 3):
-            await batcher.add([point(seq)], WindowAck(journal, str(seq), window, maximum=8))
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=8))
         await asyncio.sleep(0.05)
         assert influx.stored == []  # 3 of 8: not yet
 
-        await batcher.add([point(4)], WindowAck(journal, "4", window, maximum=8))  # 4 of 8
+        await batcher.add(*lines(4), WindowAck(journal, "4", window, maximum=8))  # 4 of 8
         await eventually(lambda: len(journal.acks()) == 4, timeout_s=2.0)
         assert influx.stored == [body(1, 2, 3, 4)]
         assert_each_ack_follows_its_store(journal)

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.integration
 
 SITE = "tinglin-dqzx"
 KINDS = ("system", "network", "power")
-#: Measurements holding each kind's ``seq`` (fleet_server.ingest.sample_points): a network
+#: Measurements holding each kind's ``seq`` (fleet_server.telemetry_lines): a network
 #: sample is one point per interface plus, once the link was measured, a ``link`` point.
 MEASUREMENTS = {"system": ("system",), "network": ("network", "link"), "power": ("power",)}
 #: How long the broker is away. The fleet server retries with a backoff doubling from 0.5 s to

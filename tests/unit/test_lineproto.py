@@ -20,7 +20,6 @@ from fleet_protocol.messages import (
     SystemSample,
 )
 from fleet_server.errors import FleetServerError
-from fleet_server.ingest import sample_points
 from fleet_server.lineproto import (
     MAX_KEY_BYTES,
     MAX_TS_MS,
@@ -31,6 +30,7 @@ from fleet_server.lineproto import (
     encode_point,
     encode_points,
 )
+from fleet_server.telemetry_lines import TerminalLines, sample_points
 
 
 def line(
@@ -429,14 +429,18 @@ def test_any_unicode_text_is_a_string_field(value: str) -> None:
     assert re.search(rb'(?<!\\)"', quoted.replace(b"\\\\", b"")) is None
 
 
-# --- samples as points (fleet_server.ingest.sample_points) -----------------------------------
+# --- samples as points (fleet_server.telemetry_lines) -----------------------------------
 
 TAGS = {"terminal": "sj-0001", "site": "zhujing-dqzx", "town": "朱泾镇", "district": "金山区"}
 TS = 1_732_190_395_000
 
 
 def _lines(sample: Sample, historical: bool = False) -> list[bytes]:
-    return [encode_point(p) for p in sample_points(sample, TAGS, historical)]
+    model = [encode_point(p) for p in sample_points(sample, TAGS, historical)]
+    fast: list[str] = []
+    TerminalLines(TAGS).lines(sample, historical, fast)
+    assert [line.encode() for line in fast] == model  # ingest's hot path writes the same
+    return model
 
 
 def test_network_sample_is_one_point_per_interface_and_one_for_the_link() -> None:
@@ -458,7 +462,7 @@ def test_network_sample_is_one_point_per_interface_and_one_for_the_link() -> Non
         (
             f"network,district=金山区,iface=enp3s0,kind=ethernet,site=zhujing-dqzx,"
             f"terminal=sj-0001,town=朱泾镇 "
-            f"up=true,bytes_sent=10i,bytes_recv=20i,seq=9i,historical=false,errors=2i {TS}"
+            f"up=true,bytes_sent=10i,bytes_recv=20i,errors=2i,seq=9i,historical=false {TS}"
         ).encode(),
         (
             f"network,district=金山区,iface=wwan0,kind=cellular,site=zhujing-dqzx,"
@@ -503,10 +507,10 @@ def test_power_sample_is_one_point_with_what_the_kiosk_has() -> None:
     tags = "district=金山区,site=zhujing-dqzx,terminal=sj-0001,town=朱泾镇"
     assert _lines(full, historical=True) == [
         (
-            f"power,{tags} seq=5i,historical=true,on_ac=true,battery_percent=97.0,"
+            f"power,{tags} seq=5i,on_ac=true,battery_percent=97.0,"
             f'ups_status="OL CHRG",ups_on_battery=false,ups_charge_percent=88.5,'
             f"ups_runtime_s=1800.0,supply_voltage=221.4,cabinet_door_open=true,"
-            f"cabinet_temperature=-3.5 {TS}"
+            f"cabinet_temperature=-3.5,historical=true {TS}"
         ).encode()
     ]
     assert _lines(PowerSample(seq=6, ts=TS)) == [
