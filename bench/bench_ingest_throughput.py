@@ -36,6 +36,15 @@ telemetry filter, QoS 1 and the same Receive Maximum (the server's default, 200)
   no point may be missing. K is 1, then 2 and 3. (A registry each, not one shared: sharing
   one, a process under load died of "database is locked" taking the alerting lease.)
 
+- InfluxDB alone: the same messages made into lines the way the server makes them
+  (``fleet_server.telemetry_lines``), written straight to a new database by 1 .. K writer
+  threads, 100 messages (half the Receive Maximum: the server's batch while draining) a
+  write. The server stores through InfluxDB, so on the same machine no number of server
+  processes can beat this; printed with its own ratio to the baseline, and each K's ratio to
+  it, so that what is the server's and what is InfluxDB's can be told apart. (Here, 2 cores:
+  InfluxDB 1.6 took 7,300-9,500 messages/s, 0.45-0.55 of the broker's drain, using 1-1.2
+  cores itself.)
+
 Printed: the baseline, each K's messages/s and points/s, its ratio to the baseline (the goal
 for one process is 0.6), the CPU the server processes, Mosquitto and InfluxDB used during the
 drain (% of one core), and the best K. Figures are noisy on a small shared machine.
@@ -52,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import shutil
 import socket
@@ -84,7 +94,7 @@ from fleet_protocol.codec import decode, encode
 from fleet_protocol.ids import site_id, terminal_id
 from fleet_protocol.messages import Sample, State, Telemetry
 from fleet_protocol.topics import Channel, topic
-from fleet_server.telemetry_lines import sample_points
+from fleet_server.telemetry_lines import TerminalLines, sample_points
 from provisioning.stack import StackInfo, running_stack
 
 BIN = Path(sys.executable).parent
@@ -566,10 +576,62 @@ def run_servers(
             forget_session(info, server.client_id, timeout_s)
 
 
+# --- InfluxDB alone ------------------------------------------------------------------------
+
+
+def influx_alone(info: StackInfo, work: Workload, writers: int, timeout_s: float) -> float:
+    """Write the workload's lines, made as the server makes them (placement tags, the
+    server's own line writer), straight to a new database: ``writers`` threads with a
+    keep-alive connection each, a write per half Receive Maximum of messages (the server's
+    batch while draining). Messages/s; no number of server processes can store faster than
+    this on the same machine."""
+    database = f"bench_direct_{writers}"
+    _influx_query(info, f'CREATE DATABASE "{database}"')
+    bodies: list[bytes] = []
+    for index, (name, payloads) in enumerate(work.by_terminal.items()):
+        site, _, town, district = SITES[index % len(SITES)]
+        writer = TerminalLines({"terminal": name, "site": site, "town": town, "district": district})
+        for payload in payloads:
+            lines: list[str] = []
+            for sample in decode(Telemetry, payload).samples:
+                writer.lines(sample, False, lines)
+            bodies.append("\n".join(lines).encode())
+    batch = RECEIVE_MAXIMUM // 2
+    batches = [b"\n".join(bodies[i : i + batch]) for i in range(0, len(bodies), batch)]
+    url = urllib.parse.urlsplit(info.influx_url)
+
+    def write(share: list[bytes]) -> None:
+        connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout_s)
+        try:
+            for body in share:
+                connection.request("POST", f"/write?db={database}&precision=ms", body=body)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 204:
+                    raise RuntimeError(f"InfluxDB answered {response.status} to a direct write")
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write, [batches[i::writers] for i in range(writers)]))
+    elapsed = time.perf_counter() - started
+    stored = count_points(info, database)
+    if stored != work.points:
+        raise RuntimeError(f"direct writes: expected {dict(work.points)}, found {dict(stored)}")
+    return work.messages / elapsed
+
+
+def _influx_query(info: StackInfo, statement: str) -> None:
+    data = urllib.parse.urlencode({"q": statement}).encode()
+    with _http.open(f"{info.influx_url}/query", data=data, timeout=30) as response:
+        response.read()
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
-def report_drain(result: Drain, work: Workload, baseline: float) -> float:
+def report_drain(result: Drain, work: Workload, baseline: float, alone: float) -> float:
     """Print one K's figures; its messages/s (0 if it failed)."""
     k = result.processes
     name = f"server x{k}"
@@ -589,7 +651,10 @@ def report_drain(result: Drain, work: Workload, baseline: float) -> float:
         f"  (startup {result.startup_s or 0:.2f} s before the first delivery, not timed)"
     )
     server_us = result.cpu.get("fleet-server", 0.0) / 100 * result.drain_s / work.messages * 1e6
-    print(f"{'':13s} ratio to baseline {msgs / baseline:.3f}   CPU during the drain: {cpu}")
+    print(
+        f"{'':13s} ratio to baseline {msgs / baseline:.3f}, to InfluxDB alone "
+        f"{msgs / alone:.3f}   CPU during the drain: {cpu}"
+    )
     print(f"{'':13s} fleet-server CPU time per message: {server_us:.0f} us (all processes)")
     influx = sum(result.in_influx.values())
     print(
@@ -635,11 +700,28 @@ def bench(args: argparse.Namespace) -> int:
                 f"Receive Maximum {RECEIVE_MAXIMUM}, mutual TLS on the service listener",
                 flush=True,
             )
+            alone = 0.0
+            for writers in PROCESS_COUNTS[: args.max_processes]:
+                rate = influx_alone(info, work, writers, args.timeout)
+                alone = max(alone, rate)
+                print(
+                    f"InfluxDB alone {rate:7.0f} messages/s "
+                    f"{rate * work.total_points / work.messages:9.0f} points/s  the same lines "
+                    f"straight from {writers} writer{'s' if writers > 1 else ''}, "
+                    f"{RECEIVE_MAXIMUM // 2} messages a write: ratio to baseline "
+                    f"{rate / baseline:.3f}",
+                    flush=True,
+                )
+            print(
+                f"{'':13s} best {alone:.0f} messages/s: no number of server processes can store "
+                "faster on this machine",
+                flush=True,
+            )
             rates: dict[int, float] = {}
             failed = False
             for k in PROCESS_COUNTS[: args.max_processes]:
                 result = run_servers(info, workdir, work, k, args.timeout)
-                rates[k] = report_drain(result, work, baseline)
+                rates[k] = report_drain(result, work, baseline, alone)
                 failed |= result.drain_s is None or result.in_influx != work.points
                 sys.stdout.flush()
     best = max(rates, key=lambda k: rates[k])
