@@ -70,7 +70,7 @@ SYSTEM_FIELDS: Final = (
     "clock_offset_ms",
 )
 #: Per interface of a network sample (``seq`` is the sample's).
-INTERFACE_FIELDS: Final = ("up", "bytes_sent", "bytes_recv", "errors")
+INTERFACE_FIELDS: Final = ("bytes_sent", "bytes_recv", "up", "errors")
 #: The network sample's link measurements; a ``link`` point only if one of them is there.
 LINK_FIELDS: Final = ("broker_rtt_ms", "dns_ok", "dns_ms")
 POWER_FIELDS: Final = (
@@ -93,54 +93,92 @@ MAX_SERIES_PER_TERMINAL: Final = 256
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
-#: How a value of a field is written: ``prefix + format(value) + suffix``.
+#: How a value of a field is written: ``prefix + write(value) + suffix``.
 _Field = tuple[str, Callable[[Any], str], str]
 _BOOL_TEXT: Final = {True: "true", False: "false"}
 
 
-def _schema_fields(
-    measurement: str, struct: type[msgspec.Struct], keys: Sequence[str]
-) -> tuple[_Field, ...]:
-    """The writers of ``keys`` (fields of ``struct``), by each field's type in the schema."""
-    types = {f.name: f.type for f in msgspec.inspect.type_info(struct).fields}  # type: ignore[attr-defined]
-    fields: list[_Field] = []
-    for key in keys:
-        kind = types[key]
-        if isinstance(kind, msgspec.inspect.UnionType):
-            [kind] = [t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType)]
-        prefix = field_prefix(key, measurement)
-        if isinstance(kind, msgspec.inspect.FloatType):
-            fields.append((prefix, float.__repr__, ""))
-        elif isinstance(kind, msgspec.inspect.BoolType):
-            fields.append((prefix, _BOOL_TEXT.__getitem__, ""))
-        elif isinstance(kind, msgspec.inspect.IntType):
-            if kind.ge is None or kind.le is None or kind.ge < _INT64_MIN or kind.le > _INT64_MAX:
-                raise TypeError(f"{struct.__name__}.{key}: the schema must bound it to int64")
-            fields.append((prefix, int.__repr__, "i"))
-        elif isinstance(kind, msgspec.inspect.StrType):
-            fields.append((prefix, _text_writer(key, measurement), ""))
-        else:
-            raise TypeError(f"{struct.__name__}.{key}: no line protocol type for {kind}")
-    return tuple(fields)
+class _Table:
+    """The fields ``keys`` of ``struct`` as written for ``measurement``, each by its type in
+    the schema. The leading fields the schema requires that are numbers are written by one
+    format string (one call, not one per field); the others one by one, when present. Keep
+    the required numbers first in a table for speed: the order is the order written."""
+
+    __slots__ = ("_head", "_head_values", "_rest", "_rest_values")
+
+    def __init__(self, measurement: str, struct: type[msgspec.Struct], keys: Sequence[str]) -> None:
+        info = msgspec.inspect.type_info(struct)
+        fields = {f.name: f for f in info.fields}  # type: ignore[attr-defined]
+        head: list[str] = []
+        rest: list[_Field] = []
+        for key in keys:
+            field = fields[key]
+            prefix = field_prefix(key, measurement)
+            write, suffix = _writer(field.type, f"{struct.__name__}.{key}", key, measurement)
+            if field.required and write in _NUMBERS and not rest:
+                head.append(prefix + ("{!r}" if write is float.__repr__ else "{}i"))
+            else:
+                rest.append((prefix, write, suffix))
+        self._head = ",".join(head)
+        self._head_values = _getter(keys[: len(head)])
+        self._rest = tuple(rest)
+        self._rest_values = _getter(keys[len(head) :])
+
+    def encode(self, source: object) -> str:
+        """``key=value,...`` of the fields of ``source`` that are there, in table order."""
+        parts = [
+            prefix + write(value) + suffix
+            for (prefix, write, suffix), value in zip(
+                self._rest, self._rest_values(source), strict=True
+            )
+            if value is not None
+        ]
+        if self._head:
+            parts.insert(0, self._head.format(*self._head_values(source)))
+        return ",".join(parts)
 
 
-def _text_writer(key: str, measurement: str) -> Callable[[Any], str]:
-    def write(value: Any) -> str:
-        return field_text(value, key, measurement)
+_NUMBERS: Final = (float.__repr__, int.__repr__)
 
-    return write
+
+def _writer(kind: Any, name: str, key: str, measurement: str) -> tuple[Callable[[Any], str], str]:
+    if isinstance(kind, msgspec.inspect.UnionType):
+        [kind] = [t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType)]
+    if isinstance(kind, msgspec.inspect.FloatType):
+        return float.__repr__, ""
+    if isinstance(kind, msgspec.inspect.BoolType):
+        return _BOOL_TEXT.__getitem__, ""
+    if isinstance(kind, msgspec.inspect.IntType):
+        if kind.ge is None or kind.le is None or kind.ge < _INT64_MIN or kind.le > _INT64_MAX:
+            raise TypeError(f"{name}: the schema must bound it to int64")
+        return int.__repr__, "i"
+    if isinstance(kind, msgspec.inspect.StrType):
+
+        def write(value: Any) -> str:
+            return field_text(value, key, measurement)
+
+        return write, ""
+    raise TypeError(f"{name}: no line protocol type for {kind}")
+
+
+def _getter(keys: Sequence[str]) -> Callable[[object], tuple[Any, ...]]:
+    """The values of ``keys`` of an object, as a tuple (also for one key, or none)."""
+    if not keys:
+        return lambda _: ()
+    if len(keys) == 1:
+        one = attrgetter(keys[0])
+        return lambda source: (one(source),)
+    return attrgetter(*keys)
 
 
 # Checked at import: a name or a schema type that cannot be written is a bug, found at start.
-_SYSTEM = (_schema_fields("system", SystemSample, SYSTEM_FIELDS), attrgetter(*SYSTEM_FIELDS))
-_INTERFACE = (
-    _schema_fields("network", InterfaceSample, INTERFACE_FIELDS),
-    attrgetter(*INTERFACE_FIELDS),
-)
-_LINK = (_schema_fields("link", NetworkSample, LINK_FIELDS), attrgetter(*LINK_FIELDS))
-_POWER = (_schema_fields("power", PowerSample, POWER_FIELDS), attrgetter(*POWER_FIELDS))
+_SYSTEM = _Table("system", SystemSample, SYSTEM_FIELDS)
+_INTERFACE = _Table("network", InterfaceSample, INTERFACE_FIELDS)
+_LINK = _Table("link", NetworkSample, LINK_FIELDS)
+_POWER = _Table("power", PowerSample, POWER_FIELDS)
 _CELSIUS = field_prefix(TEMPERATURE_FIELD, "temperature")  # temperatures: dict[Label, float]
-_SEQ = _schema_fields("network", NetworkSample, ("seq",))[0][0]  # written as int64, checked
+_SEQ = field_prefix("seq", "network")
+_Table("network", NetworkSample, ("seq",))  # seq is written as an int64: check the schema says so
 _HISTORICAL = {
     historical: "," + field_prefix("historical", "system") + _BOOL_TEXT[historical]
     for historical in (False, True)
@@ -209,25 +247,25 @@ class TerminalLines:
         hist = _HISTORICAL[historical]
         if type(sample) is SystemSample:
             ts = f" {timestamp(sample.ts, 'system')}"
-            out.append(f"{self._series_key('system', ())} {_encode(_SYSTEM, sample)}{hist}{ts}")
+            out.append(f"{self._series_key('system', ())} {_SYSTEM.encode(sample)}{hist}{ts}")
             for sensor, celsius in sample.temperatures.items():
                 key = self._series_key("temperature", (("sensor", sensor),))
                 out.append(f"{key} {_CELSIUS}{celsius!r}{ts}")
         elif type(sample) is NetworkSample:
-            link = _encode(_LINK, sample)
+            link = _LINK.encode(sample)
             if not (sample.interfaces or link):
                 return  # nothing measured, no point: not even its seq or time is looked at
             ts = f" {timestamp(sample.ts, 'network')}"
             seq = f",{_SEQ}{sample.seq}i{hist}"
             for iface in sample.interfaces:
                 key = self._series_key("network", (("iface", iface.name), ("kind", iface.kind)))
-                out.append(f"{key} {_encode(_INTERFACE, iface)}{seq}{ts}")
+                out.append(f"{key} {_INTERFACE.encode(iface)}{seq}{ts}")
             if link:
                 out.append(f"{self._series_key('link', ())} {link}{seq}{ts}")
         else:
             assert type(sample) is PowerSample
             ts = f" {timestamp(sample.ts, 'power')}"
-            out.append(f"{self._series_key('power', ())} {_encode(_POWER, sample)}{hist}{ts}")
+            out.append(f"{self._series_key('power', ())} {_POWER.encode(sample)}{hist}{ts}")
 
     def _series_key(self, measurement: str, extra: tuple[tuple[str, str], ...]) -> str:
         cached = self._series.get((measurement, extra))
@@ -241,17 +279,3 @@ class TerminalLines:
         if len(self._series) < MAX_SERIES_PER_TERMINAL:
             self._series[(measurement, extra)] = key
         return key
-
-
-def _encode(
-    table: tuple[tuple[_Field, ...], Callable[[Any], tuple[Any, ...]]], source: object
-) -> str:
-    """``key=value,...`` of the fields of ``source`` that are there, in table order."""
-    fields, values = table
-    return ",".join(
-        [
-            prefix + write(value) + suffix
-            for (prefix, write, suffix), value in zip(fields, values(source), strict=True)
-            if value is not None
-        ]
-    )

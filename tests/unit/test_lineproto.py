@@ -462,12 +462,12 @@ def test_network_sample_is_one_point_per_interface_and_one_for_the_link() -> Non
         (
             f"network,district=金山区,iface=enp3s0,kind=ethernet,site=zhujing-dqzx,"
             f"terminal=sj-0001,town=朱泾镇 "
-            f"up=true,bytes_sent=10i,bytes_recv=20i,errors=2i,seq=9i,historical=false {TS}"
+            f"bytes_sent=10i,bytes_recv=20i,up=true,errors=2i,seq=9i,historical=false {TS}"
         ).encode(),
         (
             f"network,district=金山区,iface=wwan0,kind=cellular,site=zhujing-dqzx,"
             f"terminal=sj-0001,town=朱泾镇 "
-            f"up=false,bytes_sent=0i,bytes_recv=5i,seq=9i,historical=false {TS}"
+            f"bytes_sent=0i,bytes_recv=5i,up=false,seq=9i,historical=false {TS}"
         ).encode(),
         (
             f"link,{tags} broker_rtt_ms=38.5,dns_ok=false,dns_ms=5000.0,seq=9i,historical=false "

@@ -130,7 +130,7 @@ def test_a_schema_integer_not_bounded_to_int64_is_refused_at_import() -> None:
         count: int
 
     with pytest.raises(TypeError, match="int64"):
-        telemetry_lines._schema_fields("m", Unbounded, ("count",))
+        telemetry_lines._Table("m", Unbounded, ("count",))
 
 
 def test_series_keys_are_reused_and_a_bad_name_is_refused_every_time() -> None:
@@ -154,7 +154,7 @@ def test_series_keys_are_reused_and_a_bad_name_is_refused_every_time() -> None:
         writer.lines(good, False, out)
         assert out == [
             "network,iface=eth0,kind=ethernet,site=zhujing-dqzx,terminal=sj-0001 "
-            f"up=true,bytes_sent=1i,bytes_recv=2i,seq=1i,historical=false {TS}"
+            f"bytes_sent=1i,bytes_recv=2i,up=true,seq=1i,historical=false {TS}"
         ]
         with pytest.raises(LineProtocolError, match="control character"):
             writer.lines(bad, False, [])
