@@ -112,6 +112,10 @@ class InfluxSettings(_Section, frozen=True, kw_only=True):
     url: Annotated[str, msgspec.Meta(pattern=r"^https?://")]
     database: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "kiosk"
     token: str | None = None
+    #: A batch is written when it holds this many points, ``flush_interval_s`` after its first
+    #: point, or at once when half the broker's Receive Maximum waits for acknowledgement
+    #: (`fleet_server.batcher`), whichever comes first. With the defaults, a backlog drains in
+    #: batches of the half window (100 messages, about 1,200 points), not of ``batch_points``.
     batch_points: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
