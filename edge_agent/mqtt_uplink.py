@@ -125,7 +125,16 @@ class _PubackClient(aiomqtt.Client):
         misc = self._misc_task
         if misc is not None and not misc.done():
             misc.cancel()
-        await super().__aexit__(exc_type, exc, tb)
+        try:
+            await super().__aexit__(exc_type, exc, tb)
+        finally:
+            # aiomqtt leaves the error of a connection lost under it unread in this future
+            # when the context exits early (the agent cancelled: a fleet-sim power cut), and
+            # asyncio then logs "Future exception was never retrieved" when it is collected.
+            # The loss itself was already handled (the uplink reconnects); read it here.
+            lost = self._disconnected
+            if lost.done() and not lost.cancelled():
+                lost.exception()
 
     async def publish_acked(
         self, topic: str, payload: bytes, *, retain: bool, correlation: bytes | None = None
