@@ -5,7 +5,8 @@ FleetServerError
 ├── StoreError             the time-series store
 │   ├── InfluxUnavailable  not reachable, timed out or 5xx: the write may be retried
 │   └── InfluxRejected     4xx: the data or query itself is wrong, retrying will not help
-└── RegistryError          the registry database
+├── RegistryError          the registry database
+└── MqttProtocolError      the broker sent bytes that are not valid MQTT 5 (its fault, not ours)
 """
 
 from __future__ import annotations
@@ -33,3 +34,8 @@ class InfluxRejected(StoreError):
 
 class RegistryError(FleetServerError):
     """The registry database failed."""
+
+
+class MqttProtocolError(FleetServerError):
+    """The broker sent something MQTT 5.0 does not allow (malformed or unexpected packet); the
+    connection cannot be trusted any more and is dropped. The message names the problem."""
