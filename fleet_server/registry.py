@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, get_args
+from typing import Any, Final, Self, get_args
 
 import aiosqlite
 import msgspec
@@ -112,7 +112,7 @@ class Registry:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
-        #: One statement sequence at a time on the connection, reads included (see _reading).
+        #: One statement sequence at a time on the connection, reads included (see _rows).
         self._writing = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
@@ -150,17 +150,21 @@ class Registry:
                 raise
             await db.execute("COMMIT")
 
-    @contextlib.asynccontextmanager
-    async def _reading(
-        self, sql: str, parameters: Sequence[object] = ()
-    ) -> AsyncIterator[aiosqlite.Cursor]:
-        """A read, not interleaved with this process's write transactions. A query still open
-        on the connection holds its snapshot; ``BEGIN IMMEDIATE`` then cannot take the write
-        lock once another process has written since, and SQLite says "database is locked" at
-        once instead of waiting (SQLITE_BUSY_SNAPSHOT). Tasks share the connection, so reads
-        (ops API, alerting) take their turn with the writes (ingest)."""
-        async with self._writing, self.db.execute(sql, parameters) as cursor:
-            yield cursor
+    async def _rows(
+        self, what: str, sql: str, parameters: Sequence[object] = ()
+    ) -> list[tuple[Any, ...]]:
+        """The rows of a read, not interleaved with this process's write transactions;
+        `RegistryError` "registry: cannot <what>: ..." if SQLite fails.
+
+        A query still open on the connection holds its snapshot; ``BEGIN IMMEDIATE`` then
+        cannot take the write lock once another process has written since, and SQLite says
+        "database is locked" at once instead of waiting (SQLITE_BUSY_SNAPSHOT). Tasks share
+        the connection, so reads (ops API, alerting) take their turn with the writes (ingest)."""
+        try:
+            async with self._writing, self.db.execute(sql, parameters) as cursor:
+                return [tuple(row) for row in await cursor.fetchall()]
+        except sqlite3.Error as exc:
+            raise RegistryError(f"registry: cannot {what}: {exc}") from exc
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -261,29 +265,24 @@ class Registry:
             raise RegistryError(f"registry: cannot record last-seen times: {exc}") from exc
 
     async def placement(self, terminal: TerminalId) -> Placement:
-        try:
-            async with self._reading(
-                "SELECT t.site, s.town, s.district FROM terminals t "
-                "LEFT JOIN sites s ON s.id = t.site WHERE t.id = ?",
-                (terminal,),
-            ) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot read placement of {terminal}: {exc}") from exc
+        rows = await self._rows(
+            f"read placement of {terminal}",
+            "SELECT t.site, s.town, s.district FROM terminals t "
+            "LEFT JOIN sites s ON s.id = t.site WHERE t.id = ?",
+            (terminal,),
+        )
+        row = rows[0] if rows else None
         if row is None:
             return Placement(None, None, None)
         return Placement(row[0], row[1], row[2])
 
     async def terminals(self) -> list[TerminalView]:
-        try:
-            async with self._reading(
-                "SELECT t.id, t.online, t.site, s.name, s.town, s.district, t.reason, "
-                "t.session, t.since_ms, t.last_seen_ms, t.agent_version, t.status "
-                "FROM terminals t LEFT JOIN sites s ON s.id = t.site ORDER BY t.id"
-            ) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot list terminals: {exc}") from exc
+        rows = await self._rows(
+            "list terminals",
+            "SELECT t.id, t.online, t.site, s.name, s.town, s.district, t.reason, "
+            "t.session, t.since_ms, t.last_seen_ms, t.agent_version, t.status "
+            "FROM terminals t LEFT JOIN sites s ON s.id = t.site ORDER BY t.id",
+        )
         return [
             TerminalView(
                 id=r[0],
@@ -325,34 +324,25 @@ class Registry:
     async def sites(self) -> list[Site]:
         """Every site imported with its owners and hours (sites only named in the server's
         config have no schedule and no owners, and are left out)."""
-        try:
-            async with self._reading(
-                "SELECT doc FROM sites WHERE doc IS NOT NULL ORDER BY id"
-            ) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot read sites: {exc}") from exc
+        rows = await self._rows(
+            "read sites",
+            "SELECT doc FROM sites WHERE doc IS NOT NULL ORDER BY id",
+        )
         return [msgspec.json.decode(r[0], type=Site) for r in rows]
 
     async def site_terminals(self) -> dict[str, str]:
         """terminal -> site, for every terminal placed at a site."""
-        try:
-            async with self._reading(
-                "SELECT id, site FROM terminals WHERE site IS NOT NULL"
-            ) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot read placements: {exc}") from exc
+        rows = await self._rows(
+            "read placements",
+            "SELECT id, site FROM terminals WHERE site IS NOT NULL",
+        )
         return {r[0]: r[1] for r in rows}
 
     async def last_seen(self) -> dict[str, int]:
-        try:
-            async with self._reading(
-                "SELECT id, last_seen_ms FROM terminals WHERE last_seen_ms IS NOT NULL"
-            ) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot read last-seen times: {exc}") from exc
+        rows = await self._rows(
+            "read last-seen times",
+            "SELECT id, last_seen_ms FROM terminals WHERE last_seen_ms IS NOT NULL",
+        )
         return {r[0]: int(r[1]) for r in rows}
 
     # --- the engines: one holder, their snapshots and decisions ---------------------------
@@ -383,11 +373,12 @@ class Registry:
             raise RegistryError(f"registry: cannot release the {name} lease: {exc}") from exc
 
     async def engine_state(self, name: str) -> bytes | None:
-        try:
-            async with self._reading("SELECT doc FROM engine_state WHERE name = ?", (name,)) as cur:
-                row = await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot read the {name} state: {exc}") from exc
+        rows = await self._rows(
+            f"read the {name} state",
+            "SELECT doc FROM engine_state WHERE name = ?",
+            (name,),
+        )
+        row = rows[0] if rows else None
         return bytes(row[0]) if row is not None else None
 
     async def save_engines(
@@ -439,15 +430,12 @@ class Registry:
 
     async def alert_log(self, limit: int = 500) -> list[AlertLogEntry]:
         """The newest decisions first."""
-        try:
-            async with self._reading(
-                "SELECT key, alert_id, action, at_ms, kind, subject, site, district, reason, "
-                "recipients FROM alert_log ORDER BY at_ms DESC, key LIMIT ?",
-                (limit,),
-            ) as cur:
-                rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise RegistryError(f"registry: cannot read the alert log: {exc}") from exc
+        rows = await self._rows(
+            "read the alert log",
+            "SELECT key, alert_id, action, at_ms, kind, subject, site, district, reason, "
+            "recipients FROM alert_log ORDER BY at_ms DESC, key LIMIT ?",
+            (limit,),
+        )
         return [
             AlertLogEntry(
                 key=r[0],

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
+from fleet_server.config import BrokerSettings
 from provisioning.authority import FleetAuthority, write_private
 from provisioning.stack import Service, StackInfo, status
 
@@ -128,6 +129,23 @@ def service_identity(stack: StackInfo) -> Identity:
         key = (stack.pki_dir / "fleet-server.key").read_bytes()
         write_private(combined, key + (stack.pki_dir / "fleet-server.pem").read_bytes())
     return Identity("fleet.server", combined, stack.pki_dir / "ca.pem")
+
+
+def service_settings(
+    stack: StackInfo, client_id: str, group: str, **overrides: Any
+) -> BrokerSettings:
+    """``[broker]`` settings of a fleet server on ``stack``'s service listener, with its own
+    certificate, a persistent session of 5 minutes and any ``overrides``."""
+    return BrokerSettings(
+        port=stack.mqtt_service_port,
+        ca_file=str(stack.pki_dir / "ca.pem"),
+        cert_file=str(stack.pki_dir / "fleet-server.pem"),
+        key_file=str(stack.pki_dir / "fleet-server.key"),
+        client_id=client_id,
+        share_group=group,
+        session_expiry_s=overrides.pop("session_expiry_s", 300),
+        **overrides,
+    )
 
 
 def mqtt_client(

@@ -13,10 +13,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleet_server.config import BrokerSettings
 from fleet_server.mqtt_ingest import Delivery, MqttIngest
 from provisioning.stack import StackInfo
-from tests.integration.fleet import mqtt_client, service_identity
+from tests.integration.fleet import mqtt_client, service_identity, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -66,16 +65,7 @@ async def test_a_backlog_is_worked_through_completely_with_a_bounded_queue(
             stopping.set()
 
     ingest = MqttIngest(
-        BrokerSettings(
-            port=stack.mqtt_service_port,
-            ca_file=str(stack.pki_dir / "ca.pem"),
-            cert_file=str(stack.pki_dir / "fleet-server.pem"),
-            key_file=str(stack.pki_dir / "fleet-server.key"),
-            client_id=client_id,
-            share_group=group,
-            receive_maximum=RECEIVE_MAXIMUM,
-            session_expiry_s=300,
-        ),
+        service_settings(stack, client_id, group, receive_maximum=RECEIVE_MAXIMUM),
         logging.getLogger("test"),
     )
     async with asyncio.timeout(60):

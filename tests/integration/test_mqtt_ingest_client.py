@@ -22,7 +22,7 @@ from fleet_server.config import BrokerSettings
 from fleet_server.mqtt_ingest import Delivery, MqttIngest
 from fleet_server.mqtt_wire import ConnAck, Decoder, Packet, encode_connect
 from provisioning.stack import Service, StackInfo, status
-from tests.integration.fleet import mqtt_client, service_identity
+from tests.integration.fleet import mqtt_client, service_identity, service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +30,7 @@ KEEPALIVE_S = 2
 
 
 def settings(stack: StackInfo, client_id: str, group: str) -> BrokerSettings:
-    return BrokerSettings(
-        port=stack.mqtt_service_port,
-        ca_file=str(stack.pki_dir / "ca.pem"),
-        cert_file=str(stack.pki_dir / "fleet-server.pem"),
-        key_file=str(stack.pki_dir / "fleet-server.key"),
-        client_id=client_id,
-        share_group=group,
-        keepalive_s=KEEPALIVE_S,
-        session_expiry_s=300,
-        receive_maximum=20,
-    )
+    return service_settings(stack, client_id, group, keepalive_s=KEEPALIVE_S, receive_maximum=20)
 
 
 @asynccontextmanager
