@@ -37,6 +37,12 @@ GRACE_S = 3
 
 
 @pytest.fixture(scope="module")
+def stack(reloaded_stack: StackInfo) -> StackInfo:
+    """This module's revocations reload the broker: its own stack (see ``reloaded_stack``)."""
+    return reloaded_stack
+
+
+@pytest.fixture(scope="module")
 def server(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     # A short renewal grace for this module's server: it reads the PKI settings at start.
     original = load_settings(stack.pki_dir)

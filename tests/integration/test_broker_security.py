@@ -125,6 +125,12 @@ async def until(check: object, timeout: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module")
+def stack(reloaded_stack: StackInfo) -> StackInfo:
+    """This module's revocations reload the broker: its own stack (see ``reloaded_stack``)."""
+    return reloaded_stack
+
+
+@pytest.fixture(scope="module")
 def server(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(stack, tmp_path_factory.mktemp("security"))
     yield running

@@ -25,6 +25,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
+def stack(reloaded_stack: StackInfo) -> StackInfo:
+    """This module's revocations reload the broker: its own stack (see ``reloaded_stack``)."""
+    return reloaded_stack
+
+
+@pytest.fixture(scope="module")
 def server(stack: StackInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = start_server(stack, tmp_path_factory.mktemp("enrolment"), enrolment=True)
     yield running
