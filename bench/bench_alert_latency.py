@@ -69,7 +69,7 @@ from typing import Any
 import aiohttp
 
 from provisioning.authority import FleetAuthority
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, running_stack, server_config
 
 BIN = Path(sys.executable).parent
 MODES = ("half-open", "power-cut")
@@ -161,32 +161,20 @@ def write_server_config(info: StackInfo, workdir: Path, api_port: int, tick: flo
     alerts = f"\n[alerts]\ntick_s = {tick}\n" if tick is not None else ""
     path = workdir / "fleet-server.toml"
     path.write_text(
-        f"""
-[broker]
-host = "127.0.0.1"
-port = {info.mqtt_service_port}
-ca_file = "{info.pki_dir / "ca.pem"}"
-cert_file = "{info.pki_dir / "fleet-server.pem"}"
-key_file = "{info.pki_dir / "fleet-server.key"}"
-client_id = "fleet-server-{tag}"
-
-[influx]
-url = "{info.influx_url}"
-database = "lat_{tag}"
-
-[registry]
-path = "{workdir / "registry.sqlite3"}"
-
-[api]
-host = "127.0.0.1"
-port = {api_port}
-
+        server_config(
+            info,
+            client_id=f"fleet-server-{tag}",
+            database=f"lat_{tag}",
+            registry=workdir / "registry.sqlite3",
+            api_port=api_port,
+            extra=f"""
 [mail]
 smtp_host = "127.0.0.1"
 smtp_port = {info.smtp_port}
 security = "none"
 from_address = "fleet@bench.example.gov.cn"
 {alerts}""",
+        ),
         encoding="utf-8",
     )
     return path

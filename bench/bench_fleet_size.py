@@ -74,7 +74,7 @@ from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import SystemSample, Telemetry
 from fleet_protocol.topics import Channel, topic
 from provisioning.authority import FleetAuthority
-from provisioning.stack import Service, StackInfo, running_stack
+from provisioning.stack import Service, StackInfo, running_stack, server_config
 
 BIN = Path(sys.executable).parent
 MIB = 1024 * 1024
@@ -214,26 +214,13 @@ def start_server(fleet: Fleet, api_port: int) -> None:
     info = fleet.info
     config = fleet.workdir / "fleet-server.toml"
     config.write_text(
-        f"""
-[broker]
-host = "127.0.0.1"
-port = {info.mqtt_service_port}
-ca_file = "{info.pki_dir / "ca.pem"}"
-cert_file = "{info.pki_dir / "fleet-server.pem"}"
-key_file = "{info.pki_dir / "fleet-server.key"}"
-client_id = "fleet-server-bench"
-
-[influx]
-url = "{info.influx_url}"
-database = "{fleet.influx_db}"
-
-[registry]
-path = "{fleet.workdir / "registry.sqlite3"}"
-
-[api]
-host = "127.0.0.1"
-port = {api_port}
-""",
+        server_config(
+            info,
+            client_id="fleet-server-bench",
+            database=fleet.influx_db,
+            registry=fleet.workdir / "registry.sqlite3",
+            api_port=api_port,
+        ),
         encoding="utf-8",
     )
     with (fleet.workdir / "fleet-server.log").open("ab") as out:

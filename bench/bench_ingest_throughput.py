@@ -95,7 +95,7 @@ from fleet_protocol.ids import site_id, terminal_id
 from fleet_protocol.messages import Sample, State, Telemetry
 from fleet_protocol.topics import Channel, topic
 from fleet_server.telemetry_lines import TerminalLines, sample_points
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, running_stack, server_config
 
 BIN = Path(sys.executable).parent
 MOSQUITTO_PUB: Final = "/usr/bin/mosquitto_pub"
@@ -391,35 +391,25 @@ def write_config(
 ) -> Server:
     api_port = free_port()
     (workdir / client_id).mkdir(exist_ok=True)
-    pki = info.pki_dir
     sites = "".join(
         f'\n[[sites]]\nid = "{i}"\nname = "{n}"\ntown = "{t}"\ndistrict = "{d}"\n'
         for i, n, t, d in SITES
     )
     config = workdir / f"{client_id}.toml"
     config.write_text(
-        f"""[broker]
-host = "{info.mqtt_host}"
-port = {info.mqtt_service_port}
-ca_file = "{pki / "ca.pem"}"
-cert_file = "{pki / "fleet-server.pem"}"
-key_file = "{pki / "fleet-server.key"}"
-client_id = "{client_id}"
-share_group = "{group}"
-session_expiry_s = 600
-receive_maximum = {RECEIVE_MAXIMUM}
-
-[influx]
-url = "{info.influx_url}"
-database = "{database}"
-
-[registry]
-path = "{workdir / client_id / "registry.sqlite3"}"
-
-[api]
-host = "127.0.0.1"
-port = {api_port}
-{sites}""",
+        server_config(
+            info,
+            client_id=client_id,
+            database=database,
+            registry=workdir / client_id / "registry.sqlite3",
+            api_port=api_port,
+            broker={
+                "share_group": group,
+                "session_expiry_s": 600,
+                "receive_maximum": RECEIVE_MAXIMUM,
+            },
+            extra=sites,
+        ),
         encoding="utf-8",
     )
     return Server(client_id, config, workdir / f"{client_id}.log", f"http://127.0.0.1:{api_port}")

@@ -8,7 +8,6 @@ stops everything it started on Ctrl-C (or after ``--for`` seconds).
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import socket
 import subprocess
@@ -106,53 +105,37 @@ def _port(preferred: int, *, avoid: frozenset[int] = frozenset()) -> int:
     raise DemoError("no free port on 127.0.0.1 for the fleet server")
 
 
-def _toml_str(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
 def server_config(info: stack.StackInfo, workdir: Path, api_port: int, enrol_port: int) -> str:
     sites = "".join(
-        f"\n[[sites]]\nid = {_toml_str(s.id)}\nname = {_toml_str(s.name)}\n"
-        f"town = {_toml_str(s.town)}\ndistrict = {_toml_str(DISTRICT)}\n"
+        f"\n[[sites]]\nid = {stack.toml_value(s.id)}\nname = {stack.toml_value(s.name)}\n"
+        f"town = {stack.toml_value(s.town)}\ndistrict = {stack.toml_value(DISTRICT)}\n"
         for s in SITES
     )
-    return f"""# written by `fleetctl demo`
-[broker]
-host = {_toml_str(info.mqtt_host)}
-port = {info.mqtt_service_port}
-client_id = "fleet-server-demo"
-ca_file = {_toml_str(str(info.pki_dir / "ca.pem"))}
-cert_file = {_toml_str(str(info.pki_dir / "fleet-server.pem"))}
-key_file = {_toml_str(str(info.pki_dir / "fleet-server.key"))}
-
-[influx]
-url = {_toml_str(info.influx_url)}
-database = {_toml_str(info.influx_database)}
-
-[registry]
-path = {_toml_str(str(workdir / "server" / "registry.sqlite3"))}
-
-[api]
-host = "127.0.0.1"
-port = {api_port}
-
+    return "# written by `fleetctl demo`\n" + stack.server_config(
+        info,
+        client_id="fleet-server-demo",
+        database=info.influx_database,
+        registry=workdir / "server" / "registry.sqlite3",
+        api_port=api_port,
+        extra=f"""
 [enrolment]
-pki_dir = {_toml_str(str(info.pki_dir))}
+pki_dir = {stack.toml_value(str(info.pki_dir))}
 host = "127.0.0.1"
 port = {enrol_port}
 public_url = "https://127.0.0.1:{enrol_port}"
 
 # Alerts go to the stack's SMTP sink, which keeps each e-mail as a file.
 [mail]
-smtp_host = {_toml_str(info.smtp_host)}
+smtp_host = {stack.toml_value(info.smtp_host)}
 smtp_port = {info.smtp_port}
 security = "none"
 from_address = "fleet@jinshan.example.gov.cn"
 from_name = "金山区政务服务自助终端运维"
 
 [alerts.district_ops]
-{_toml_str(DISTRICT)} = [{_toml_str(DEMO_OPS)}]
-{sites}"""
+{stack.toml_value(DISTRICT)} = [{stack.toml_value(DEMO_OPS)}]
+{sites}""",
+    )
 
 
 def sites_file() -> str:
@@ -162,11 +145,11 @@ def sites_file() -> str:
     for s in SITES:
         name, mailbox = s.owner
         out.append(
-            f"[[sites]]\nid = {_toml_str(s.id)}\nname = {_toml_str(s.name)}\n"
-            f"district = {_toml_str(DISTRICT)}\ntown = {_toml_str(s.town)}\n"
-            f"kind = {_toml_str(s.kind)}\naddress = {_toml_str(DISTRICT + s.name)}\n"
-            f"owners = [{{ name = {_toml_str(name)}, "
-            f"email = {_toml_str(mailbox + '@jinshan.example.gov.cn')} }}]\n"
+            f"[[sites]]\nid = {stack.toml_value(s.id)}\nname = {stack.toml_value(s.name)}\n"
+            f"district = {stack.toml_value(DISTRICT)}\ntown = {stack.toml_value(s.town)}\n"
+            f"kind = {stack.toml_value(s.kind)}\naddress = {stack.toml_value(DISTRICT + s.name)}\n"
+            f"owners = [{{ name = {stack.toml_value(name)}, "
+            f"email = {stack.toml_value(mailbox + '@jinshan.example.gov.cn')} }}]\n"
             f"grace_s = {DEMO_GRACE_S}\n"
             + (f"[sites.hours]\n{s.hours}" if s.hours else "open_24h = true\n")
         )
@@ -246,15 +229,15 @@ def _local_settings(
     text = config.read_text("utf-8")
     for name in ("status_page", "system_commands", "peripherals"):
         text = _section_free(text, name)
-    rec = _toml_str(str(recorder))
+    rec = stack.toml_value(str(recorder))
     text += f"""
 [status_page]
 listen = ["127.0.0.1"]
 port = {page_port}
 
 [[status_page.staff]]
-name = {_toml_str(DEMO_STAFF[0])}
-passcode_hash = {_toml_str(staff_hash)}
+name = {stack.toml_value(DEMO_STAFF[0])}
+passcode_hash = {stack.toml_value(staff_hash)}
 
 [system_commands]
 reboot = [{rec}, "reboot"]
@@ -264,7 +247,7 @@ restart_app = [{rec}, "restart-app"]
         text += f"""
 [peripherals]
 profile = "comprehensive"
-overrides = {_toml_str(str(overrides))}
+overrides = {stack.toml_value(str(overrides))}
 usb = "simulated"
 debounce_s = 2
 """

@@ -492,6 +492,60 @@ def running_stack(
 # --- configuration ------------------------------------------------------------------------
 
 
+TomlValue = str | int | float | bool
+
+
+def toml_value(value: TomlValue) -> str:
+    """A TOML scalar: a JSON string is a valid TOML basic string, numbers and booleans as is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def server_config(
+    info: StackInfo,
+    *,
+    client_id: str,
+    database: str,
+    registry: Path,
+    api_port: int,
+    influx_url: str | None = None,
+    broker: Mapping[str, TomlValue] | None = None,
+    influx: Mapping[str, TomlValue] | None = None,
+    extra: str = "",
+) -> str:
+    """A `fleet-server` config (TOML) on this stack: its service listener with the server's
+    own certificate, its InfluxDB (or ``influx_url``), a registry file and the ops API on
+    loopback. ``broker`` and ``influx`` add keys to those tables; ``extra`` (more tables:
+    ``[mail]``, ``[alerts]``, ``[[sites]]`` ...) is appended."""
+
+    def keys(table: Mapping[str, TomlValue] | None) -> str:
+        return "".join(f"{key} = {toml_value(value)}\n" for key, value in (table or {}).items())
+
+    pki = info.pki_dir
+    return f"""[broker]
+host = {toml_value(info.mqtt_host)}
+port = {info.mqtt_service_port}
+client_id = {toml_value(client_id)}
+ca_file = {toml_value(str(pki / "ca.pem"))}
+cert_file = {toml_value(str(pki / "fleet-server.pem"))}
+key_file = {toml_value(str(pki / "fleet-server.key"))}
+{keys(broker)}
+[influx]
+url = {toml_value(influx_url or info.influx_url)}
+database = {toml_value(database)}
+{keys(influx)}
+[registry]
+path = {toml_value(str(registry))}
+
+[api]
+host = "127.0.0.1"
+port = {api_port}
+{extra}"""
+
+
 def render_influx_config(layout: StackLayout, http_port: int, rpc_port: int) -> str:
     """The ``influxd -config`` file for InfluxDB 1.6: loopback only, nothing phoned home.
 

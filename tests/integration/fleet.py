@@ -27,7 +27,7 @@ import aiomqtt
 
 from fleet_server.config import BrokerSettings
 from provisioning.authority import FleetAuthority, write_private
-from provisioning.stack import Service, StackInfo, status
+from provisioning.stack import Service, StackInfo, server_config, status
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -239,31 +239,17 @@ def write_server_config(
     extra: str = "",
 ) -> Path:
     path.write_text(
-        f"""
-[broker]
-host = "127.0.0.1"
-port = {stack.mqtt_service_port}
-ca_file = "{stack.pki_dir / "ca.pem"}"
-cert_file = "{stack.pki_dir / "fleet-server.pem"}"
-key_file = "{stack.pki_dir / "fleet-server.key"}"
-client_id = "{client_id}"
-share_group = "{share_group}"
-keepalive_s = {keepalive_s}
-session_expiry_s = 60
-
-[influx]
-url = "{influx_url}"
-database = "{database}"
-batch_points = 500
-flush_interval_s = 0.2
-
-[registry]
-path = "{registry}"
-
-[api]
-host = "127.0.0.1"
-port = {api_port}
-{extra}""",
+        server_config(
+            stack,
+            client_id=client_id,
+            database=database,
+            registry=registry,
+            api_port=api_port,
+            influx_url=influx_url,
+            broker={"share_group": share_group, "keepalive_s": keepalive_s, "session_expiry_s": 60},
+            influx={"batch_points": 500, "flush_interval_s": 0.2},
+            extra=extra,
+        ),
         encoding="utf-8",
     )
     return path
