@@ -25,10 +25,10 @@ broker does: at most Receive Maximum deliveries plus those of one received chunk
 Deliveries reach the handler one at a time, in arrival order, from one task per connection;
 the next one only after the handler returned.
 
-The acknowledgement also tells how much of that window is in use (``window_used``, the share
-of Receive Maximum unacknowledged): with all of it in use nothing more arrives until something
-is acknowledged, so whoever holds deliveries back to batch them (``fleet_server.batcher``)
-stores them before that, instead of waiting for more or for a timer.
+The acknowledgement also tells the size of that window (``window``, Receive Maximum): once
+that many deliveries wait for their ack nothing more arrives, so whoever holds deliveries back
+to batch them (``fleet_server.batcher``) stores them in parts of it, instead of waiting for more
+or for a timer.
 
 Keep-alive (MQTT 5.0 §3.1.2.10): a PINGREQ goes out whenever either direction was quiet for
 half the keep-alive (the broker's Server Keep Alive if it sets one). When the broker then sends
@@ -133,9 +133,8 @@ class LinkStats:
 class _Ack:
     """A delivery's acknowledgement (PUBACK): ``ack()``; calling it again does nothing, and
     neither does an ack for QoS 0 or for a connection that is gone (the broker redelivers what
-    the old connection left unacknowledged). ``ack.window_used()`` is the share of Receive
-    Maximum that deliveries of this connection waiting for their ack take up now; at 1 the
-    broker sends nothing more."""
+    the old connection left unacknowledged). ``ack.window()`` is the connection's Receive
+    Maximum: with that many deliveries waiting for their ack the broker sends nothing more."""
 
     __slots__ = ("_link", "_packet_id")
 
@@ -149,8 +148,8 @@ class _Ack:
             self._packet_id = 0
             self._link.acknowledge(packet_id)
 
-    def window_used(self) -> float:
-        return self._link.window_used()
+    def window(self) -> int:
+        return self._link.receive_maximum
 
 
 class _Link(asyncio.Protocol):
@@ -278,8 +277,9 @@ class _Link(asyncio.Protocol):
             self._unacked -= 1
             self.send(encode_puback(packet_id))
 
-    def window_used(self) -> float:
-        return self._unacked / self._maximum if self.live else 0.0
+    @property
+    def receive_maximum(self) -> int:
+        return self._maximum
 
     def send(self, packet: bytes) -> None:
         """Queue ``packet``; everything queued in one event-loop turn goes out in one write."""

@@ -17,6 +17,7 @@ import pytest_asyncio
 
 from fleet_server import batcher as batcher_module
 from fleet_server.batcher import PointBatcher, SpoolDepth
+from fleet_server.errors import InfluxUnavailable
 from fleet_server.lineproto import Point, encode_points
 from fleet_server.spool import Spool
 from tests.component.fakes import FakeInflux, Journal, eventually
@@ -110,6 +111,7 @@ async def running(batcher: PointBatcher) -> AsyncIterator[asyncio.Event]:
     """Run the batcher in a task; on exit stop it and wait for its final flush."""
     stopping = asyncio.Event()
     task = asyncio.create_task(batcher.run(stopping), name="batcher")
+    await asyncio.sleep(0)  # running: due batches are handed over from add() at once
     try:
         yield stopping
     finally:
@@ -179,8 +181,8 @@ async def test_fewer_points_than_a_batch_are_written_after_max_delay(
 
 
 class WindowAck:
-    """A delivery's ack that also tells how full the broker's window is, as MQTT ingest's do:
-    ``used`` deliveries of ``maximum`` unacknowledged, one fewer once acknowledged."""
+    """A delivery's ack that also tells the broker's window (Receive Maximum), as MQTT
+    ingest's do; ``window[0]`` counts the deliveries not acknowledged yet."""
 
     def __init__(self, journal: Journal, name: str, window: list[int], maximum: int) -> None:
         self._record = journal.ack(name)
@@ -192,35 +194,37 @@ class WindowAck:
         self._record()
         self._window[0] -= 1
 
-    def window_used(self) -> float:
-        return self._window[0] / self._maximum
+    def window(self) -> int:
+        return self._maximum
 
 
 @pytest.mark.asyncio
-async def test_half_the_brokers_window_waiting_is_a_batch_without_waiting_for_the_timer(
+async def test_a_third_of_the_brokers_window_is_a_batch_without_waiting_for_the_timer(
     journal: Journal, spool: Spool
 ) -> None:
     """Receive Maximum caps unacknowledged deliveries: with fewer points in them than a batch,
-    waiting for max_delay_s would let through one window per delay. Half of it is a batch."""
+    waiting for max_delay_s would let through one window per delay. A third of it is a batch
+    (two may be on their way, the last third keeps arriving)."""
+    assert pytest.approx(1 / 3) == batcher_module.WINDOW_DUE
     influx = FakeInflux(journal)
     batcher = PointBatcher(influx.write, spool, max_points=1000, max_delay_s=30.0, logger=log)
     window = [0]
     async with running(batcher):
-        for seq in (1, 2, 3):
-            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=8))
+        for seq in (1, 2):
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=9))
         await asyncio.sleep(0.05)
-        assert influx.stored == []  # 3 of 8: not yet
+        assert influx.stored == []  # 2 deliveries of a window of 9: not yet
 
-        await batcher.add(*lines(4), WindowAck(journal, "4", window, maximum=8))  # 4 of 8
-        await eventually(lambda: len(journal.acks()) == 4, timeout_s=2.0)
-        assert influx.stored == [body(1, 2, 3, 4)]
+        await batcher.add(*lines(3), WindowAck(journal, "3", window, maximum=9))  # 3 of 9
+        await eventually(lambda: len(journal.acks()) == 3, timeout_s=2.0)
+        assert influx.stored == [body(1, 2, 3)]
         assert_each_ack_follows_its_store(journal)
         assert window == [0]
 
         # A plain callable says nothing of a window: the timer decides, as before.
-        await batcher.add(*message(journal, 5))
+        await batcher.add(*message(journal, 4))
         await asyncio.sleep(0.05)
-        assert influx.stored == [body(1, 2, 3, 4)]
+        assert influx.stored == [body(1, 2, 3)]
 
 
 @pytest.mark.asyncio
@@ -365,9 +369,12 @@ async def test_a_full_spool_holds_deliveries_back_and_add_waits(
 
             await batcher.add(*message(journal, 3))  # due after max_delay_s, fits nowhere
             await eventually(lambda: batcher.holding)
-            for seq in (4, 5, 6):  # the next batch fills up in memory ...
+            # MAX_IN_FLIGHT batches may be on their way (here: held) and one more fills up in
+            # memory ...
+            assert batcher_module.MAX_IN_FLIGHT == 2
+            for seq in (4, 5, 6, 7, 8, 9):
                 await asyncio.wait_for(batcher.add(*message(journal, seq)), timeout=1)
-            blocked = asyncio.create_task(batcher.add(*message(journal, 7)), name="blocked")
+            blocked = asyncio.create_task(batcher.add(*message(journal, 10)), name="blocked")
             await asyncio.sleep(0.05)
             # ... and then nothing more is taken in: the broker keeps the rest.
             assert not blocked.done(), "add() took more points in while the spool is full"
@@ -376,14 +383,14 @@ async def test_a_full_spool_holds_deliveries_back_and_add_waits(
 
             influx.mode = "up"
             await asyncio.wait_for(blocked, timeout=2)
-            await eventually(lambda: len(journal.acks()) == 6)
+            await eventually(lambda: len(journal.acks()) == 9)
             await eventually(lambda: spool.depth.batches == 0)
             assert not batcher.holding
 
-    assert stored_lines(influx) == [line(s) for s in range(1, 8)]
-    assert journal.acks() == ["ack 1,2", "ack 3", "ack 4", "ack 5", "ack 6", "ack 7"]
+    assert stored_lines(influx) == [line(s) for s in range(1, 11)]
+    assert journal.acks() == ["ack 1,2"] + [f"ack {s}" for s in range(3, 11)]
     assert_each_ack_follows_its_store(journal)
-    assert batcher.counters.points_written == 7
+    assert batcher.counters.points_written == 10
     assert batcher.counters.points_rejected == 0
 
 
@@ -549,3 +556,164 @@ async def test_stopping_writes_and_acknowledges_what_is_pending(
 
     assert influx.stored == [body(1, 2)]
     assert journal.entries == [f"write {body(1, 2).decode()}", "ack 1,2"]
+
+
+class GatedInflux(FakeInflux):
+    """InfluxDB whose writes each wait for the test to answer them: ``answer(i)`` lets write
+    ``i`` (0-based, in the order they were sent) through, ``refuse(i)`` makes it fail as
+    unavailable. ``concurrent`` counts writes on their way; ``peak`` is its maximum."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__(journal)
+        self.gates: list[asyncio.Future[bool]] = []
+        self.concurrent = 0
+        self.peak = 0
+
+    async def write(self, body: bytes) -> None:
+        gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.gates.append(gate)
+        self.concurrent += 1
+        self.peak = max(self.peak, self.concurrent)
+        try:
+            if not await gate:
+                self.attempt_times.append(asyncio.get_running_loop().time())
+                raise InfluxUnavailable("connection reset")
+        finally:
+            self.concurrent -= 1
+        await super().write(body)
+
+    def answer(self, index: int, *, ok: bool = True) -> None:
+        self.gates[index].set_result(ok)
+
+
+@pytest.mark.asyncio
+async def test_two_batches_are_written_at_once_but_never_three(
+    journal: Journal, spool: Spool
+) -> None:
+    influx = GatedInflux(journal)
+    batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
+    async with running(batcher):
+        await batcher.add(*message(journal, 1, 2))
+        await batcher.add(*message(journal, 3, 4))
+        await eventually(lambda: influx.concurrent == 2)
+        await batcher.add(*message(journal, 5, 6))  # due, but waits for a place
+        await asyncio.sleep(0.05)
+        assert len(influx.gates) == 2
+        assert journal.acks() == []
+
+        influx.answer(0)
+        await eventually(lambda: len(influx.gates) == 3)  # the third goes once one is done
+        assert journal.acks() == ["ack 1,2"]
+        influx.answer(1)
+        influx.answer(2)
+        await eventually(lambda: len(journal.acks()) == 3)
+    assert influx.peak == 2
+    assert journal.acks() == ["ack 1,2", "ack 3,4", "ack 5,6"]
+    assert_each_ack_follows_its_store(journal)
+
+
+@pytest.mark.asyncio
+async def test_a_later_batch_written_first_is_acknowledged_after_the_earlier_one(
+    journal: Journal, spool: Spool
+) -> None:
+    """PUBACKs go out in the order the deliveries came (MQTT 5.0 §4.6), whichever write
+    InfluxDB answers first."""
+    influx = GatedInflux(journal)
+    batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
+    async with running(batcher):
+        await batcher.add(*message(journal, 1, 2))
+        await batcher.add(*message(journal, 3, 4))
+        await eventually(lambda: influx.concurrent == 2)
+        influx.answer(1)  # the second batch is stored first ...
+        await eventually(lambda: influx.stored == [body(3, 4)])
+        await asyncio.sleep(0.05)
+        assert journal.acks() == []  # ... but waits for the first to be acknowledged
+        influx.answer(0)
+        await eventually(lambda: len(journal.acks()) == 2)
+    assert journal.acks() == ["ack 1,2", "ack 3,4"]
+    assert_each_ack_follows_its_store(journal)
+
+
+@pytest.mark.asyncio
+async def test_batches_failing_out_of_order_are_spooled_in_the_order_they_came(
+    journal: Journal, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 30.0)  # no replay during the test
+    influx = GatedInflux(journal)
+    batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
+    async with running(batcher):
+        await batcher.add(*message(journal, 1, 2))
+        await batcher.add(*message(journal, 3, 4))
+        await eventually(lambda: influx.concurrent == 2)
+        influx.answer(1, ok=False)  # the later one fails first: it must not overtake
+        await asyncio.sleep(0.05)
+        assert spool.depth.batches == 0
+        influx.answer(0, ok=False)
+        await eventually(lambda: len(journal.acks()) == 2)
+        assert spool.depth.batches == 2
+        run = await spool.head(max_points=2)
+        assert run is not None
+        assert run.body == body(1, 2)
+    assert journal.entries == [
+        f"spool {body(1, 2).decode()}",
+        "ack 1,2",
+        f"spool {body(3, 4).decode()}",
+        "ack 3,4",
+    ]
+
+
+@pytest.mark.asyncio
+async def test_stopping_acknowledges_nothing_after_a_batch_that_could_not_be_stored(
+    journal: Journal, spool_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later batch that InfluxDB took is still not acknowledged when an earlier one could
+    not be stored anywhere: the broker hands both out again (writing the later one twice is
+    harmless, the points overwrite themselves)."""
+    monkeypatch.setattr(batcher_module, "RETRY_MIN_S", 30.0)
+    monkeypatch.setattr(batcher_module, "HOLD_RECHECK_S", 30.0)
+    influx = GatedInflux(journal)
+    async with JournaledSpool(spool_path, 1, journal) as spool:  # room for nothing
+        # Writes that are never answered count as failed after 0.2 s.
+        batcher = PointBatcher(
+            influx.write, spool, max_points=2, max_delay_s=30.0, logger=log, slow_write_s=0.2
+        )
+        stopping = asyncio.Event()
+        run = asyncio.create_task(batcher.run(stopping), name="batcher")
+        await batcher.add(*message(journal, 1, 2))
+        await batcher.add(*message(journal, 3, 4))
+        await eventually(lambda: influx.concurrent == 2)
+        influx.answer(0, ok=False)  # nowhere to go: held
+        await eventually(lambda: batcher.holding)
+        influx.answer(1)
+        await eventually(lambda: influx.stored == [body(3, 4)])
+        stopping.set()
+        await asyncio.wait_for(run, timeout=2)
+    assert journal.acks() == []
+
+
+@pytest.mark.asyncio
+async def test_deliveries_on_their_way_do_not_make_the_next_batch_due(
+    journal: Journal, spool: Spool
+) -> None:
+    """A write takes about as long for one delivery as for a hundred: the next batch waits for
+    its own third of the window, not for the window to look full."""
+    influx = GatedInflux(journal)
+    batcher = PointBatcher(influx.write, spool, max_points=1000, max_delay_s=30.0, logger=log)
+    window = [0]
+    async with running(batcher):
+        for seq in range(1, 7):
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=9))
+        await eventually(lambda: len(influx.gates) == 2)
+        for seq in (7, 8):  # 8 of 9 unacknowledged, but only 2 in this batch
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=9))
+        await asyncio.sleep(0.05)
+        assert len(influx.gates) == 2
+        influx.answer(0)
+        influx.answer(1)
+        await eventually(lambda: len(journal.acks()) == 6)
+        await batcher.add(*lines(9), WindowAck(journal, "9", window, maximum=9))
+        await eventually(lambda: len(influx.gates) == 3)
+        influx.answer(2)
+        await eventually(lambda: len(journal.acks()) == 9)
+    assert influx.stored == [body(1, 2, 3), body(4, 5, 6), body(7, 8, 9)]
+    assert window == [0]
