@@ -38,8 +38,8 @@ telemetry filter, QoS 1 and the same Receive Maximum (the server's default, 200)
 
 - InfluxDB alone: the same messages made into lines the way the server makes them
   (``fleet_server.telemetry_lines``), written straight to a new database by 1 .. K writer
-  threads, 100 messages (half the Receive Maximum: the server's batch while draining) a
-  write. The server stores through InfluxDB, so on the same machine no number of server
+  threads, 100 messages (half the Receive Maximum; the server writes a third of it, two
+  writes at once, while draining) a write. The server stores through InfluxDB, so on the same machine no number of server
   processes can beat this; printed with its own ratio to the baseline, and each K's ratio to
   it, so that what is the server's and what is InfluxDB's can be told apart. (Here, 2 cores:
   InfluxDB 1.6 took 7,300-9,500 messages/s, 0.45-0.55 of the broker's drain, using 1-1.2
@@ -48,6 +48,12 @@ telemetry filter, QoS 1 and the same Receive Maximum (the server's default, 200)
 Printed: the baseline, each K's messages/s and points/s, its ratio to the baseline (the goal
 for one process is 0.6), the CPU the server processes, Mosquitto and InfluxDB used during the
 drain (% of one core), and the best K. Figures are noisy on a small shared machine.
+
+Last, a CPU budget for the goal: 0.6 x the baseline messages/s times the CPU time per message
+of influxd (its cheapest, as measured writing to it alone), of Mosquitto and of one server
+process (as measured draining), against this machine's cores, and how much CPU a message
+that leaves the server. Where InfluxDB and the broker alone need more than the machine has,
+no server can meet the goal here, and the bench says so.
 
 Needs ``/usr/bin/mosquitto_pub`` and ``/usr/bin/mosquitto_sub``: Debian package
 ``mosquitto-clients`` (from bookworm-backports on Debian 12, like the broker). Only the
@@ -63,6 +69,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -471,6 +478,7 @@ class Drain:
     drain_s: float | None = None  # first delivery to the last point written
     in_influx: Counter[str] = field(default_factory=Counter)
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core during the drain
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU time per message
     error: str = ""
 
     def rate(self, count: int) -> float:
@@ -569,12 +577,18 @@ def run_servers(
 # --- InfluxDB alone ------------------------------------------------------------------------
 
 
-def influx_alone(info: StackInfo, work: Workload, writers: int, timeout_s: float) -> float:
+@dataclass(frozen=True)
+class Alone:
+    rate: float  # messages/s
+    influxd_cpu_us: float  # influxd CPU time per message
+
+
+def influx_alone(info: StackInfo, work: Workload, writers: int, timeout_s: float) -> Alone:
     """Write the workload's lines, made as the server makes them (placement tags, the
     server's own line writer), straight to a new database: ``writers`` threads with a
-    keep-alive connection each, a write per half Receive Maximum of messages (the server's
-    batch while draining). Messages/s; no number of server processes can store faster than
-    this on the same machine."""
+    keep-alive connection each, a write per half Receive Maximum of messages (about the
+    server's batch while draining). Messages/s and influxd's CPU per message; no number of
+    server processes can store faster than this on the same machine."""
     database = f"bench_direct_{writers}"
     _influx_query(info, f'CREATE DATABASE "{database}"')
     bodies: list[bytes] = []
@@ -602,14 +616,17 @@ def influx_alone(info: StackInfo, work: Workload, writers: int, timeout_s: float
         finally:
             connection.close()
 
+    influxd = psutil.Process(info.influx_pid)
+    cpu0 = _cpu_s(influxd)
     started = time.perf_counter()
     with ThreadPoolExecutor(writers) as pool:
         list(pool.map(write, [batches[i::writers] for i in range(writers)]))
     elapsed = time.perf_counter() - started
+    cpu_s = _cpu_s(influxd) - cpu0
     stored = count_points(info, database)
     if stored != work.points:
         raise RuntimeError(f"direct writes: expected {dict(work.points)}, found {dict(stored)}")
-    return work.messages / elapsed
+    return Alone(work.messages / elapsed, cpu_s / work.messages * 1e6)
 
 
 def _influx_query(info: StackInfo, statement: str) -> None:
@@ -622,7 +639,8 @@ def _influx_query(info: StackInfo, statement: str) -> None:
 
 
 def report_drain(result: Drain, work: Workload, baseline: float, alone: float) -> float:
-    """Print one K's figures; its messages/s (0 if it failed)."""
+    """Print one K's figures; its messages/s (0 if it failed). ``result.cpu_us`` gets each
+    process's CPU time per message."""
     k = result.processes
     name = f"server x{k}"
     missing_points = work.total_points - sum(result.in_influx.values())
@@ -640,7 +658,10 @@ def report_drain(result: Drain, work: Workload, baseline: float, alone: float) -
         f"{name:13s} {msgs:8.0f} messages/s {pts:9.0f} points/s  drain {result.drain_s:5.2f} s"
         f"  (startup {result.startup_s or 0:.2f} s before the first delivery, not timed)"
     )
-    server_us = result.cpu.get("fleet-server", 0.0) / 100 * result.drain_s / work.messages * 1e6
+    result.cpu_us = {
+        name: pct / 100 * result.drain_s / work.messages * 1e6 for name, pct in result.cpu.items()
+    }
+    server_us = result.cpu_us.get("fleet-server", 0.0)
     print(
         f"{'':13s} ratio to baseline {msgs / baseline:.3f}, to InfluxDB alone "
         f"{msgs / alone:.3f}   CPU during the drain: {cpu}"
@@ -657,6 +678,32 @@ def report_drain(result: Drain, work: Workload, baseline: float, alone: float) -
             f"{'':13s} by measurement: expected {dict(work.points)}, found {dict(result.in_influx)}"
         )
     return msgs
+
+
+def print_cpu_budget(rate: float, influxd_us: float, drained_us: dict[str, float]) -> None:
+    """What storing ``rate`` messages/s costs in CPU, from the CPU time per message measured
+    above: InfluxDB's cheapest (written to alone), the broker's and one server process's (one
+    process draining), against the cores of this machine; and what that leaves the server."""
+    server_us = drained_us.get("fleet-server", 0.0)
+    broker_us = drained_us.get("mosquitto", 0.0)
+    have = os.cpu_count() or 1
+    storing = rate * (influxd_us + broker_us) / 1e6
+    need = storing + rate * server_us / 1e6
+    left_us = (have - storing) / rate * 1e6
+    print(
+        f"CPU budget    the goal, {rate:.0f} messages/s, needs {need:.2f} of this machine's "
+        f"{have} cores: influxd {rate * influxd_us / 1e6:.2f} ({influxd_us:.0f} us a message, "
+        f"its cheapest: written to alone), mosquitto {rate * broker_us / 1e6:.2f}, one "
+        f"fleet-server {rate * server_us / 1e6:.2f} ({server_us:.0f} us a message)"
+    )
+    print(
+        f"{'':13s} "
+        + (
+            "InfluxDB and the broker alone need more than the machine has: out of reach here"
+            if left_us <= 0
+            else f"that leaves the server {left_us:.0f} us of CPU a message, all stages included"
+        )
+    )
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -691,15 +738,19 @@ def bench(args: argparse.Namespace) -> int:
                 flush=True,
             )
             alone = 0.0
+            influxd_us: list[float] = []
             for writers in PROCESS_COUNTS[: args.max_processes]:
-                rate = influx_alone(info, work, writers, args.timeout)
+                measured = influx_alone(info, work, writers, args.timeout)
+                rate = measured.rate
                 alone = max(alone, rate)
+                influxd_us.append(measured.influxd_cpu_us)
                 print(
                     f"InfluxDB alone {rate:7.0f} messages/s "
                     f"{rate * work.total_points / work.messages:9.0f} points/s  the same lines "
                     f"straight from {writers} writer{'s' if writers > 1 else ''}, "
                     f"{RECEIVE_MAXIMUM // 2} messages a write: ratio to baseline "
-                    f"{rate / baseline:.3f}",
+                    f"{rate / baseline:.3f}; influxd CPU {measured.influxd_cpu_us:.0f} us a "
+                    "message",
                     flush=True,
                 )
             print(
@@ -708,15 +759,19 @@ def bench(args: argparse.Namespace) -> int:
                 flush=True,
             )
             rates: dict[int, float] = {}
+            one_process: Drain | None = None
             failed = False
             for k in PROCESS_COUNTS[: args.max_processes]:
                 result = run_servers(info, workdir, work, k, args.timeout)
                 rates[k] = report_drain(result, work, baseline, alone)
                 failed |= result.drain_s is None or result.in_influx != work.points
+                one_process = one_process or result
                 sys.stdout.flush()
     best = max(rates, key=lambda k: rates[k])
     one = rates.get(1, 0.0) / baseline
     print(f"one process   ratio {one:.3f} (goal {GOAL}): {'met' if one >= GOAL else 'NOT met'}")
+    if one_process is not None and one_process.cpu_us:
+        print_cpu_budget(GOAL * baseline, min(influxd_us), one_process.cpu_us)
     print(
         f"best          {best} process{'es' if best > 1 else ''}: {rates[best]:.0f} messages/s, "
         f"ratio to baseline {rates[best] / baseline:.3f}"
