@@ -39,9 +39,10 @@ telemetry filter, QoS 1 and the same Receive Maximum (the server's default, 200)
 - InfluxDB alone: the same messages made into lines the way the server makes them
   (``fleet_server.telemetry_lines``), written straight to a new database by 1 .. K writer
   threads, 100 messages (half the Receive Maximum; the server writes a third of it, two
-  writes at once, while draining) a write. The server stores through InfluxDB, so on the same machine no number of server
-  processes can beat this; printed with its own ratio to the baseline, and each K's ratio to
-  it, so that what is the server's and what is InfluxDB's can be told apart. (Here, 2 cores:
+  writes at once, while draining) a write. The server stores through InfluxDB, so on the same
+  machine no number of server processes can beat this; printed with its own ratio to the
+  baseline, and each K's ratio to it, so that what is the server's and what is InfluxDB's can
+  be told apart. (Here, 2 cores:
   InfluxDB 1.6 took 7,300-9,500 messages/s, 0.45-0.55 of the broker's drain, using 1-1.2
   cores itself.)
 
