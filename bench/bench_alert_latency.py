@@ -69,7 +69,7 @@ from typing import Any
 import aiohttp
 
 from provisioning.authority import FleetAuthority
-from provisioning.stack import StackInfo, running_stack, server_config
+from provisioning.stack import StackInfo, import_sites, running_stack, server_config
 
 BIN = Path(sys.executable).parent
 MODES = ("half-open", "power-cut")
@@ -226,18 +226,6 @@ def start_sim(info: StackInfo, workdir: Path, tls_dir: Path, k: Kiosk, keepalive
     ]  # fmt: skip
     with (workdir / "sims" / f"{prefix}.log").open("ab") as out:
         k.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-
-
-def import_sites(api: str, sites: Path) -> None:
-    imported = subprocess.run(
-        [str(BIN / "fleetctl"), "sites", "import", "--server", api, str(sites)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if imported.returncode != 0:
-        raise RuntimeError(f"fleetctl sites import: {imported.stderr.strip()}")
 
 
 async def get_json(http: aiohttp.ClientSession, url: str) -> Any:

@@ -74,7 +74,13 @@ from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import SystemSample, Telemetry
 from fleet_protocol.topics import Channel, topic
 from provisioning.authority import FleetAuthority
-from provisioning.stack import Service, StackInfo, running_stack, server_config
+from provisioning.stack import (
+    Service,
+    StackInfo,
+    import_sites,
+    running_stack,
+    server_config,
+)
 
 BIN = Path(sys.executable).parent
 MIB = 1024 * 1024
@@ -761,16 +767,7 @@ async def import_sites_when_up(fleet: Fleet) -> None:
     async with aiohttp.ClientSession() as http:
         await wait_healthy(http, fleet)
     sites = write_sites(fleet.workdir / "sites.toml", fleet.sites)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [str(BIN / "fleetctl"), "sites", "import", "--server", fleet.api, str(sites)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"fleetctl sites import: {done.stderr.strip()}")
+    await asyncio.to_thread(import_sites, fleet.api, sites, timeout_s=120)
 
 
 def main() -> int:

@@ -546,6 +546,22 @@ port = {api_port}
 {extra}"""
 
 
+def import_sites(api: str, sites_file: Path, *, timeout_s: float = 60.0) -> str:
+    """``fleetctl sites import`` against the fleet server at ``api``, as ops would run it;
+    its output. Raises `RuntimeError` with fleetctl's own message if the import fails."""
+    fleetctl = Path(sys.executable).parent / "fleetctl"
+    done = subprocess.run(
+        [str(fleetctl), "sites", "import", "--server", api, str(sites_file)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"fleetctl sites import: {done.stderr.strip()}")
+    return done.stdout
+
+
 def render_influx_config(layout: StackLayout, http_port: int, rpc_port: int) -> str:
     """The ``influxd -config`` file for InfluxDB 1.6: loopback only, nothing phoned home.
 

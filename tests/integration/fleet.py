@@ -474,19 +474,6 @@ grace_s = {grace_s}
     return path
 
 
-def import_sites(api: str, sites_file: Path) -> str:
-    """``fleetctl sites import`` against the server at ``api``, as ops would; its output."""
-    imported = subprocess.run(
-        [str(BIN / "fleetctl"), "sites", "import", "--server", api, str(sites_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert imported.returncode == 0, imported.stderr
-    return imported.stdout
-
-
 def read_mails(maildir: Path) -> list[EmailMessage]:
     """Every message the stack's SMTP sink received, oldest first."""
     found = []

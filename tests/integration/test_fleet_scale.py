@@ -27,13 +27,12 @@ import pytest
 
 from bench.bench_sim_capacity import raise_open_files
 from provisioning import stack
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, import_sites, running_stack
 from tests.integration.fleet import (
     Proc,
     RunningServer,
     eventually,
     http_json,
-    import_sites,
     influx_query,
     inject,
     mails_about,

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, import_sites, running_stack
 from tests.integration.fleet import (
     BIN,
     Proc,
     RunningServer,
     eventually,
     http_json,
-    import_sites,
     mails_about,
     sites_toml,
     start_server,
