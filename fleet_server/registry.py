@@ -108,6 +108,13 @@ class SiteRecord:
     district: str
 
 
+async def _roll_back(db: aiosqlite.Connection) -> None:
+    """``ROLLBACK`` whatever this connection has open; nothing if it has nothing open (a
+    ``BEGIN`` that failed, a ``COMMIT`` that went through before a cancellation arrived)."""
+    with contextlib.suppress(sqlite3.OperationalError):  # "no transaction is active"
+        await db.execute("ROLLBACK")  # queued now, so it runs even if we are cancelled again
+
+
 class Registry:
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -139,16 +146,23 @@ class Registry:
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction at a time per process (tasks share the connection), and
-        ``BEGIN IMMEDIATE`` so SQLite serialises the writers of other processes too."""
+        ``BEGIN IMMEDIATE`` so SQLite serialises the writers of other processes too.
+
+        Safe against cancellation: aiosqlite runs each statement on its own thread, so a
+        task cancelled while awaiting ``BEGIN`` (which waits up to 30 s for another process's
+        write lock) or ``COMMIT`` leaves that statement still to run. Any failure therefore
+        queues a ``ROLLBACK`` behind it (the thread runs statements in order); without it the
+        connection would stay inside the transaction and every later write would fail with
+        "cannot start a transaction within a transaction"."""
         async with self._writing:
             db = self.db
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                await _roll_back(db)
                 raise
-            await db.execute("COMMIT")
 
     async def _rows(
         self, what: str, sql: str, parameters: Sequence[object] = ()

@@ -259,3 +259,37 @@ async def test_reads_beside_writes_in_one_process_never_find_the_database_locked
 
         await asyncio.gather(other_process(), reads(), writes())
         assert len(await a.terminals()) == len(kiosks)
+
+
+@pytest.mark.asyncio
+async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_no_transaction_open(
+    tmp_path: Path,
+) -> None:
+    """The server's task group cancels its tasks when one fails or on shutdown. A write
+    cancelled while its ``BEGIN`` waited for another process's write lock must not leave the
+    connection inside a transaction: the alerting state saved next (on the way out, or after a
+    broker restart) must still be stored, not fail with "cannot start a transaction within a
+    transaction" and stop the server."""
+    path = tmp_path / "registry.db"
+    async with Registry(path) as registry:
+        await registry.migrate()
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another server process is writing
+            waiting = asyncio.create_task(
+                registry.save_engines({"alerts": b"{}"}, {"kiosk-01": "offline"}, [], NOW)
+            )
+            await asyncio.sleep(0.3)  # its BEGIN is now waiting on the lock, on its thread
+            waiting.cancel()
+            await asyncio.sleep(0.1)
+            # The lock is freed: the cancelled BEGIN goes through now, on aiosqlite's thread.
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await registry.save_engines({"alerts": b'{"saved": 2}'}, {"kiosk-01": "online"}, [], NOW)
+        assert await registry.engine_state("alerts") == b'{"saved": 2}'
+        [view] = await registry.terminals()
+        assert view.presence == "online"
+        await registry.touch({terminal_id("kiosk-01"): NOW + 1})
