@@ -11,6 +11,11 @@ last-seen times, which every process writes.
 
 Decisions are stored under their key (UNIQUE) in the same transaction as the snapshots, and
 only the ones newly stored are mailed: a decision replayed after a takeover is not sent twice.
+
+A registry that fails for a while (locked past its busy timeout by another process, a full
+disk) does not stop the server: the tick is logged and tried again at the next one, and the
+decisions (and statuses) a failed save did not store are kept and saved with the next, so no
+alert is lost by the engines having moved on meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from fleet_server.alert_policy import (
     PolicySnapshot,
     SitePolicy,
 )
+from fleet_server.errors import RegistryError
 from fleet_server.mail_message import Alert as MailAlert
 from fleet_server.mail_message import (
     DistrictOutage,
@@ -110,6 +116,8 @@ class AlertingCounters:
     decisions: int = 0
     mails_queued: int = 0
     inputs_dropped: int = 0
+    #: Ticks that failed because the registry did (each tried again at the next tick).
+    registry_errors: int = 0
     leading: bool = False
     statuses: dict[str, int] = field(default_factory=dict)
 
@@ -138,6 +146,8 @@ class AlertingService:
         self._fleet_at = 0
         self._heard: dict[str, int] = {}
         self._saved_at = 0
+        #: What a failed save did not store, to be saved with the next.
+        self._unsaved: tuple[list[Decision], dict[str, str]] = ([], {})
         self.counters = AlertingCounters()
 
     # --- inputs (from ingest, in every process) -------------------------------------------
@@ -156,9 +166,20 @@ class AlertingService:
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
+        failing = False
         try:
             while not stopping.is_set():
-                await self.step_once()
+                try:
+                    await self.step_once()
+                except RegistryError as exc:
+                    self.counters.registry_errors += 1
+                    if not failing:  # once per spell, not once a tick
+                        self._log.warning("alerting: %s; trying again every tick", exc)
+                    failing = True
+                else:
+                    if failing:
+                        self._log.info("alerting: the registry works again")
+                    failing = False
                 await sleep_unless_stopped(stopping, self._settings.tick_s)
         finally:
             if self._table is not None:
@@ -177,6 +198,7 @@ class AlertingService:
         if self._table is not None:
             self._log.warning("alerting: another server process decides now")
         self._table, self._policy = None, None
+        self._unsaved = ([], {})  # the process deciding now replays the inputs instead
         self.counters.leading = False
         while self._inputs and self._inputs[0].received_ms < now - s.keep_inputs_ms:
             self._inputs.popleft()
@@ -208,6 +230,10 @@ class AlertingService:
             # A terminal heard of for the first time is placed (at the site its state names)
             # before its message is decided on: its first drop must not go unalerted.
             policy.fleet = await self._fleet(now)
+        # Every registry read and take before the engines move: a registry failing here must
+        # leave the inputs and the engines as they were, for the next tick.
+        last_seen = await self._registry.last_seen()
+        acks = await self._registry.take_acks()
         decisions: list[Decision] = []
         statuses: dict[str, str] = {}
 
@@ -222,12 +248,12 @@ class AlertingService:
                 transitions(table.on_state(item.terminal, item.message, item.received_ms))
             else:
                 decisions.extend(policy.on_peripherals(item.terminal, item.message, now))
-        for terminal, heard in (await self._registry.last_seen()).items():
+        for terminal, heard in last_seen.items():
             if heard > self._heard.get(terminal, 0):
                 self._heard[terminal] = heard
                 transitions(table.on_telemetry(terminal, min(heard, now)))
         transitions(table.tick(now))
-        for alert_id, who, _at in await self._registry.take_acks():
+        for alert_id, who, _at in acks:
             decisions.extend(policy.ack(alert_id, who, now))
         decisions.extend(policy.tick(now))
         await self._save(now, decisions, statuses)
@@ -243,9 +269,13 @@ class AlertingService:
         table, policy = self._table, self._policy
         if table is None or policy is None:
             return
+        unsaved_decisions, unsaved_statuses = self._unsaved
+        decisions = unsaved_decisions + decisions
+        statuses = unsaved_statuses | statuses
         if not (decisions or statuses or force) and now - self._saved_at < SAVE_EVERY_MS:
             return
         presence_now = table.snapshot()
+        self._unsaved = (decisions, statuses)
         new = await self._registry.save_engines(
             {
                 "presence": msgspec.json.encode(presence_now),
@@ -255,6 +285,7 @@ class AlertingService:
             [_entry(d) for d in decisions],
             now,
         )
+        self._unsaved = ([], {})
         self._saved_at = now
         self.counters.decisions += len(new)
         counts: dict[str, int] = {}

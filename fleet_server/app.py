@@ -29,7 +29,7 @@ from fleet_server.enrolment_api import (
     serve_enrolment,
     tls_context,
 )
-from fleet_server.errors import ConfigError, InfluxUnavailable
+from fleet_server.errors import ConfigError, InfluxUnavailable, RegistryError
 from fleet_server.influx import InfluxDB
 from fleet_server.ingest import Ingest, IngestLimits
 from fleet_server.mail_message import Mailbox
@@ -287,9 +287,25 @@ async def _ensure_database(influx: InfluxDB, stopping: asyncio.Event) -> bool:
 
 
 async def _last_seen(registry: Registry, ingest: Ingest, stopping: asyncio.Event) -> None:
+    """Write the times terminals were last heard to the registry every few seconds; what a
+    failed write did not store is merged into the next (a busy registry stops nothing)."""
+    failing = False
     while True:
         await sleep_unless_stopped(stopping, LAST_SEEN_EVERY_S)
         seen, ingest.last_seen = ingest.last_seen, {}
-        await registry.touch(seen)
+        try:
+            await registry.touch(seen)
+        except RegistryError as exc:
+            for terminal, at in seen.items():
+                ingest.last_seen[terminal] = max(at, ingest.last_seen.get(terminal, at))
+            if not failing:
+                log.warning("last-seen times not stored: %s; trying again", exc)
+            failing = True
+            if stopping.is_set():
+                return  # a few seconds of last-seen times; the next start hears them anew
+            continue
+        if failing:
+            log.info("last-seen times stored again")
+        failing = False
         if stopping.is_set():
             return

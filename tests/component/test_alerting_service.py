@@ -7,6 +7,7 @@ queued once. The SMTP side is a recording sender: the real SMTP path has its own
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from email.message import EmailMessage
 from pathlib import Path
@@ -17,6 +18,7 @@ from fleet_protocol.ids import TerminalId, site_id
 from fleet_protocol.messages import State
 from fleet_protocol.sites import Interval, OpeningHours, Owner, Schedule, Site, SiteKind
 from fleet_server.alerting import AlertingService, AlertingSettings
+from fleet_server.errors import RegistryError
 from fleet_server.mail_outbox import MailOutbox
 from fleet_server.mailer import Mailer
 from fleet_server.presence_table import MINUTE, SECOND
@@ -160,3 +162,57 @@ async def test_a_drop_at_night_mails_only_fifteen_minutes_after_opening(tmp_path
         await service.step_once()
         await mailer.deliver_due()
         assert len(recorder.sent) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_registry_failing_when_the_grace_ends_delays_the_mail_but_loses_it_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry fails for a few ticks just as the grace period ends (locked past its busy
+    timeout by another process, a full disk). The server keeps running, and the offline
+    decision the engines made in a tick whose save failed is stored and mailed with the next
+    save: the engines have moved on by then and would not make it again."""
+    clock = Clock(MONDAY_10)
+    recorder = Recorder()
+    async with (
+        Registry(tmp_path / "registry.sqlite3") as registry,
+        MailOutbox(tmp_path / "mail.sqlite3") as outbox,
+    ):
+        await registry.migrate()
+        await registry.import_sites([SITE])
+        await registry.apply_state(KIOSK, birth(1, clock.ms), clock.ms)
+        mailer = Mailer(outbox, recorder, clock, log)
+        settings = AlertingSettings(mail_domain="fleet.example.gov.cn", tick_s=0.01)
+        service = AlertingService(registry, settings, mailer, holder="a", log=log, clock=clock)
+        service.state(KIOSK, birth(1, clock.ms), clock.ms)
+        await service.step_once()
+        service.state(KIOSK, lost(1, clock.ms), clock.ms)
+        await service.step_once()
+
+        save = registry.save_engines
+        failed = 0
+
+        async def failing_save(*args: object, **kwargs: object) -> list[str]:
+            nonlocal failed
+            if failed < 5:
+                failed += 1
+                raise RegistryError("registry: cannot save the alerting state: disk I/O error")
+            return await save(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(registry, "save_engines", failing_save)
+        clock.ms += 121 * SECOND  # the grace period (120 s) is over
+        stopping = asyncio.Event()
+        running = asyncio.create_task(service.run(stopping))
+        try:
+            async with asyncio.timeout(10):
+                while not recorder.sent:
+                    assert not running.done(), "the alerting loop stopped"
+                    await mailer.deliver_due()
+                    await asyncio.sleep(0.02)
+        finally:
+            stopping.set()
+            await running
+        assert (failed, service.counters.registry_errors) == (5, 5)
+        [offline] = recorder.sent
+        assert "离线" in str(offline["Subject"])
+        assert [e.action for e in await registry.alert_log()] == ["sent"]
