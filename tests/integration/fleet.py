@@ -3,6 +3,8 @@ stopped by PID, and small readers of what the real servers hold."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +28,8 @@ from typing import Any, TypeVar
 import aiomqtt
 
 from fleet_server.config import BrokerSettings
+from fleet_server.errors import MqttProtocolError
+from fleet_server.mqtt_wire import ConnAck, Decoder, Packet, PingResp, encode_connect
 from provisioning.authority import FleetAuthority, write_private
 from provisioning.stack import Service, StackInfo, server_config, status
 
@@ -172,6 +176,73 @@ def mqtt_client(
         tls_context=context,
         **kwargs,
     )
+
+
+#: PINGREQ and DISCONNECT (MQTT 5 §3.12, §3.14): fixed headers with nothing after them.
+_PINGREQ = b"\xc0\x00"
+_DISCONNECT = b"\xe0\x00"
+
+
+async def mqtt_session_works(
+    stack: StackInfo, identity: Identity | None, *, client_id: str, service: bool = False
+) -> bool:
+    """Whether the broker gives ``identity`` (``None``: no client certificate) a working session
+    as ``client_id`` on its terminal (or ``service``) listener: a CONNACK with reason 0, then
+    a PINGRESP to a PINGREQ. A refusal is a TLS alert, the connection closed, or a CONNACK
+    with a failure code.
+
+    Spoken on the wire (fleet_server.mqtt_wire), not through aiomqtt: aiomqtt does not notice
+    a connection closed before its CONNACK and waits out its whole connect timeout, 5 s per
+    refused probe, where a closed socket here answers at once."""
+    if identity is None:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=stack.pki_dir / "ca.pem"
+        )
+    else:
+        context = identity.tls_context()
+    port = stack.mqtt_service_port if service else stack.mqtt_port
+    decoder = Decoder()
+
+    async def packet(reader: asyncio.StreamReader) -> Packet | None:
+        while True:
+            chunk = await reader.read(4096)
+            if not chunk:
+                return None  # closed by the broker
+            found = decoder.feed(chunk)
+            if found:
+                return found[0]
+
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(stack.mqtt_host, port, ssl=context)
+            writer.write(
+                encode_connect(
+                    client_id,
+                    clean_start=True,
+                    keepalive_s=30,
+                    session_expiry_s=0,
+                    receive_maximum=10,
+                )
+            )
+            await writer.drain()
+            connack = await packet(reader)
+            if not isinstance(connack, ConnAck) or connack.reason_code != 0:
+                return False
+            writer.write(_PINGREQ)
+            await writer.drain()
+            if not isinstance(await packet(reader), PingResp):
+                return False
+            writer.write(_DISCONNECT)
+            await writer.drain()
+    except (TimeoutError, ssl.SSLError, OSError, MqttProtocolError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(ssl.SSLError, OSError):
+                await writer.wait_closed()
+    return True
 
 
 def write_agent_config(
@@ -442,6 +513,21 @@ def inject(control: Path, terminal: str, *fault: str) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def inject_now(control: Path, terminal: str, *fault: str) -> str:
+    """What ``fleet-sim inject`` does, without starting a Python process for it (about a
+    second each on a busy machine): the line ``TERMINAL FAULT [VALUE]`` on the simulation's
+    control socket; what it did. Fails unless the simulation answered ``ok:``. The command
+    itself is tested with :func:`inject`, in test_fleet_sim."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(control))
+        conn.sendall(f"{terminal} {' '.join(fault)}\n".encode())
+        with conn.makefile("rb") as answers:
+            answer = answers.readline().decode("utf-8", "replace").strip()
+    assert answer.startswith("ok: "), answer
+    return answer.removeprefix("ok: ")
 
 
 def sites_toml(

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiomqtt
 import msgspec
 import pytest
 
@@ -26,7 +25,7 @@ from tests.integration.fleet import (
     eventually,
     influx_query,
     issue_identity,
-    mqtt_client,
+    mqtt_session_works,
     start_server,
     write_agent_config,
 )
@@ -214,9 +213,4 @@ async def _connects(stack: StackInfo, identity: Identity) -> bool:
     # The upkeep reloads the broker just after it recorded the revocation; give it that moment
     # (a successful probe would take the kiosk's session over, its client id being its CN).
     await asyncio.sleep(2)
-    try:
-        async with mqtt_client(stack, identity, timeout=5):
-            pass
-    except (aiomqtt.MqttError, OSError):
-        return False
-    return True
+    return await mqtt_session_works(stack, identity, client_id=identity.name)

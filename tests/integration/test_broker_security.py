@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ssl
 import subprocess
 import time
 import uuid
@@ -36,6 +35,7 @@ from tests.integration.fleet import (
     influx_query,
     issue_identity,
     mqtt_client,
+    mqtt_session_works,
     service_identity,
     start_server,
 )
@@ -333,28 +333,28 @@ def _expired_identity(stack: StackInfo, directory: Path, name: str) -> Identity:
 def _revoked_identity(stack: StackInfo, directory: Path, name: str) -> Identity:
     identity = issue_identity(stack, name, directory)
     FleetAuthority.open(stack.pki_dir).revoke(name, actor="tests")
+    log = stack.layout.log_file(Service.MQTT)
+    reloads = log.read_text(errors="replace").count("Reloading config.")
     subprocess.run(
         [str(BIN / "fleetctl"), "stack", "reload", "--workdir", str(stack.workdir)],
         check=True,
         capture_output=True,
         timeout=20,
     )
+    # The command only sends SIGHUP: the broker rereads its CRL at its next turn. A probe
+    # faster than that would be let in on the old CRL; wait for the broker to say it reloaded.
+    eventually(
+        lambda: log.read_text(errors="replace").count("Reloading config.") > reloads,
+        timeout=10,
+        every=0.02,
+    )
     return identity
 
 
 async def _connects(stack: StackInfo, identity: Identity | None, *, service: bool = False) -> bool:
-    try:
-        async with mqtt_client(
-            stack,
-            identity,
-            client_id=f"probe-{uuid.uuid4().hex[:8]}",
-            service=service,
-            timeout=5,
-        ) as client:
-            await client.publish("kiosk/v1/probe/state", b"{}", qos=1)
-    except (aiomqtt.MqttError, ssl.SSLError, OSError):
-        return False
-    return True
+    return await mqtt_session_works(
+        stack, identity, client_id=f"probe-{uuid.uuid4().hex[:8]}", service=service
+    )
 
 
 @pytest.mark.parametrize(
