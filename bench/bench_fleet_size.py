@@ -4,10 +4,29 @@ A local stack (Mosquitto, InfluxDB, SMTP sink) runs in a temporary directory, wi
 fleet server (default settings: 5000-point batches or 1 s, receive maximum 200, alert tick
 1 s) and sites imported with ``fleetctl sites import``. The fleet is ramped in steps
 (``--sizes``, default 5,000 / 10,000 / 20,000, the goal being 20,000): each step starts more
-`fleet-sim` processes (``--per-sim`` kiosks each; the earlier ones keep running), each kiosk
-sampling every ``--interval`` s and sending that interval's three samples (system, network,
-power) at once in one message (``--batch-size 3``), so the server should take
-``terminals / interval`` telemetry messages a second. Each step:
+kiosk processes (at most ``--per-sim`` kiosks each, what the step adds split evenly over
+them; the earlier ones keep running), each kiosk sampling every ``--interval`` s and sending
+that interval's three samples (system, network, power) at once in one message
+(``--batch-size 3``), so the server should take ``terminals / interval`` telemetry messages
+a second.
+
+The kiosks (``--sim``):
+
+- ``light`` (the default): ``bench/light_fleet.py`` processes, one asyncio loop each, every
+  kiosk one mutual-TLS connection with its own certificate. They speak the agent's protocol
+  exactly (the same CONNECT with client id, keep-alive, ``clean_start=False``, session expiry
+  and last will; the retained birth; one QoS 1 telemetry message of three samples an interval,
+  built with ``fleet_protocol``; the "shutdown" state and DISCONNECT at stop), so broker and
+  server cannot tell them from agents, but they carry none of the agent's machinery (outbox
+  and journal in SQLite, collectors, paho). They connect ``--connect-rate`` a second in all
+  (with jitter, shared by the processes a step starts), so the broker's listen backlog is not
+  overrun. Why: the full agent costs so much CPU that on this 2-core machine fleet-sim
+  processes saturate the CPU at about 2,500 kiosks, before the server is loaded, and the bench
+  then measures the simulators, not the server; 20,000 agents cannot be held on 2 cores.
+- ``agent``: ``fleet-sim`` processes, the real agent code per kiosk (the earlier mode, kept to
+  compare with, or to load the server with everything an agent does).
+
+Each step:
 
 1. connect: wait (at most ``--timeout`` s) until the server's presence table counts every
    kiosk online (``fleet_terminals{state="online"}`` on ``/metrics``);
@@ -25,10 +44,10 @@ power) at once in one message (``--batch-size 3``), so the server should take
      write takes, not by CPU;
    - the spool (points waiting because InfluxDB was slow), write retries and slow writes,
      and the clients Mosquitto dropped for keep-alive expiry (its log);
-   - CPU (% of one core) and RSS of fleet-server, Mosquitto, InfluxDB and all fleet-sims,
-     the machine's busy CPU, including what other work on the machine used, and the CPU
-     pressure (Linux PSI ``some avg60``: how much of the time runnable tasks waited for a
-     core);
+   - CPU (% of one core) and RSS of fleet-server, Mosquitto, InfluxDB and all kiosk
+     processes (light-fleet or fleet-sim), the machine's busy CPU, including what other work
+     on the machine used, and the CPU pressure (Linux PSI ``some avg60``: how much of the
+     time runnable tasks waited for a core);
 3. kept up: received >= 97 % of expected, lag not growing (last third <= first third + 2 s)
    and under 10 s, spool not growing. A step that does not connect in time or does not keep
    up ends the ramp; the largest step held is printed, with what was saturated. A step that
@@ -42,7 +61,8 @@ certificates (one per kiosk, from the stack's fleet CA, 8 threads) is timed.
 
 Only the processes started here are stopped, by PID; every phase is bounded in time.
 
-    .venv/bin/python bench/bench_fleet_size.py [--sizes 5000 10000 20000] [--steady 60]
+    .venv/bin/python bench/bench_fleet_size.py [--sizes 5000 10000 20000] [--steady 60] \\
+        [--sim light|agent] [--per-sim 2000] [--connect-rate 200]
 """
 
 from __future__ import annotations
@@ -87,8 +107,12 @@ MIB = 1024 * 1024
 GOAL = 20_000
 #: Descriptors Mosquitto needs besides one per kiosk (listeners, log, database, server).
 BROKER_FD_MARGIN = 100
-#: Descriptors each fleet-sim needs besides one per kiosk (database, logs, worker threads).
+#: Descriptors each kiosk process needs besides one per kiosk (fleet-sim: database, logs,
+#: worker threads; light_fleet much less).
 SIM_FD_MARGIN = 200
+#: The kiosk processes of each ``--sim``: as named in the report.
+GENERATORS = {"light": "light-fleet", "agent": "fleet-sim"}
+LIGHT_FLEET = Path(__file__).with_name("light_fleet.py")
 STOP_TIMEOUT_S = 180.0
 PROBE_EVERY_S = 1.0
 LAG_POLL_S = 0.25
@@ -168,6 +192,8 @@ class Fleet:
     influx_db: str
     run: str
     sites: list[str]
+    #: The kiosk processes' name: ``light-fleet`` or ``fleet-sim`` (``--sim``).
+    generator: str = GENERATORS["light"]
     server: subprocess.Popen[bytes] | None = None
     sims: list[Sim] = field(default_factory=list)
 
@@ -180,8 +206,23 @@ def prefixes(count: int, run: str) -> list[str]:
     return [f"fs{run}{i:02d}" for i in range(count)]
 
 
+def layout(steps: list[tuple[int, int]], per_sim: int) -> list[list[int]]:
+    """Per step, the kiosk counts of the processes it starts: what the step adds, split evenly
+    over as few processes of at most ``per_sim`` as will do (5,000 / 10,000 at 2,000 each:
+    1667 + 1667 + 1666 twice). Planned up front: provisioning makes these identities."""
+    out: list[list[int]] = []
+    size = 0
+    for target, _ in steps:
+        new = target - size
+        n = math.ceil(new / per_sim)
+        out.append([new // n + (1 if i < new % n else 0) for i in range(n)])
+        size = target
+    return out
+
+
 def provision(info: StackInfo, tls_dir: Path, identities: list[tuple[str, str]]) -> float:
-    """Certificates for (terminal, site) pairs, as fleet-sim reads them; the seconds taken."""
+    """Certificates for (terminal, site) pairs, as fleet-sim and light_fleet read them; the
+    seconds taken."""
     authority = FleetAuthority.open(info.pki_dir)
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (tls_dir / "ca.pem").write_bytes(authority.ca_pem)
@@ -237,16 +278,25 @@ def start_server(fleet: Fleet, api_port: int) -> None:
         )
 
 
-def start_sim(fleet: Fleet, prefix: str, count: int, args: argparse.Namespace) -> None:
+def start_sim(
+    fleet: Fleet, prefix: str, count: int, args: argparse.Namespace, connect_rate: float
+) -> None:
+    """One kiosk process of ``count`` kiosks: light_fleet (connecting ``connect_rate`` a
+    second) or, with ``--sim agent``, fleet-sim."""
     info = fleet.info
     site_args = [a for s in fleet.sites for a in ("--site", s)]
-    argv = [
-        str(BIN / "fleet-sim"),
+    common = [
         "--terminals", str(count), "--prefix", prefix, *site_args,
         "--broker-host", info.mqtt_host, "--broker-port", str(info.mqtt_port),
-        "--tls-dir", str(fleet.workdir / "tls"), "--state-dir", str(fleet.workdir / prefix),
-        "--interval", str(args.interval), "--batch-size", "3",
+        "--tls-dir", str(fleet.workdir / "tls"), "--interval", str(args.interval),
     ]  # fmt: skip
+    if args.sim == "light":
+        argv = [sys.executable, str(LIGHT_FLEET), *common, "--connect-rate", f"{connect_rate:g}"]
+    else:
+        argv = [
+            str(BIN / "fleet-sim"), *common,
+            "--state-dir", str(fleet.workdir / prefix), "--batch-size", "3",
+        ]  # fmt: skip
     with (fleet.workdir / f"{prefix}.log").open("ab") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     fleet.sims.append(Sim(prefix, count, popen))
@@ -430,9 +480,14 @@ class Step:
     spool_after: float = 0.0
     retries: float = 0.0
     slow: float = 0.0
+    #: Messages the server dropped as undecodable, samples it quarantined (wrong clock).
+    rejected: float = 0.0
+    quarantined: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
     rss: dict[str, int] = field(default_factory=dict)
     busiest_sim: float = 0.0
+    #: The kiosk processes' name in the report (``Fleet.generator``).
+    generator: str = GENERATORS["light"]
     machine: float = 0.0
     others: float = 0.0
     pressure: float | None = None
@@ -448,7 +503,7 @@ def groups(fleet: Fleet) -> dict[str, list[int]]:
         "fleet-server": [fleet.server.pid],
         "mosquitto": [fleet.info.mqtt_pid],
         "influxd": [fleet.info.influx_pid],
-        "fleet-sim": [s.popen.pid for s in fleet.sims],
+        fleet.generator: [s.popen.pid for s in fleet.sims],
         "bench": [psutil.Process().pid],
     }
 
@@ -462,7 +517,7 @@ async def connect(http: aiohttp.ClientSession, fleet: Fleet, step: Step, timeout
     while time.monotonic() - started < timeout_s:
         for s in fleet.sims:
             if s.popen.poll() is not None:
-                raise RuntimeError(f"fleet-sim {s.prefix} exited with {s.popen.returncode}")
+                raise RuntimeError(f"{fleet.generator} {s.prefix} exited with {s.popen.returncode}")
         now_online = online(await scrape(http, fleet.api))
         step.connected = max(step.connected, now_online)
         if now_online >= step.size:
@@ -508,6 +563,10 @@ async def hold(
     step.spool_after = m1.get("fleet_spool_points", 0.0)
     step.retries = delta("fleet_influx_write_retries_total")
     step.slow = delta("fleet_influx_slow_writes_total")
+    step.rejected = sum(delta(k) for k in m1 if k.startswith("fleet_ingest_rejected_total"))
+    step.quarantined = sum(
+        delta(k) for k in m1 if k.startswith("fleet_ingest_quarantined_samples_total")
+    )
     lags = probe.lags[lag_from:]
     if lags:
         values = [lag for _, lag in lags]
@@ -537,7 +596,7 @@ def judge(step: Step) -> None:
     backlog = any("lag" in w or "spool" in w for w in why)
     if why and why[0].startswith("received") and not backlog:
         # Nothing queued up in front of the server: the kiosks sent less than they should.
-        why.append("no backlog (lag flat): the fleet-sims sent less, short of CPU")
+        why.append(f"no backlog (lag flat): the {step.generator} processes sent less, short of CPU")
     step.kept_up = not why
 
 
@@ -548,7 +607,7 @@ def saturated(step: Step, cores: int) -> list[str]:
         if step.cpu.get(name, 0.0) >= BUSY
     ]
     if step.busiest_sim >= BUSY:
-        found.append(f"the busiest fleet-sim at {step.busiest_sim:.0f} % of one core")
+        found.append(f"the busiest {step.generator} at {step.busiest_sim:.0f} % of one core")
     if step.machine >= BUSY * cores:
         found.append(
             f"the machine: {step.machine:.0f} % of {100 * cores} % busy "
@@ -558,8 +617,8 @@ def saturated(step: Step, cores: int) -> list[str]:
 
 
 def report_usage(step: Step, cores: int) -> None:
-    for name in ("fleet-server", "mosquitto", "influxd", "fleet-sim"):
-        extra = f" (busiest process {step.busiest_sim:.0f} %)" if name == "fleet-sim" else ""
+    for name in ("fleet-server", "mosquitto", "influxd", step.generator):
+        extra = f" (busiest process {step.busiest_sim:.0f} %)" if name == step.generator else ""
         print(
             f"  {name:13s} CPU {step.cpu[name]:6.1f} % of one core{extra}, RSS "
             f"{step.rss[name] / MIB:8.1f} MiB"
@@ -576,7 +635,7 @@ def report_step(step: Step, nsims: int, cores: int) -> None:
     if step.connect_s is None:
         print(
             f"step {label}: {step.fewest_online} online in presence at the timeout, at most "
-            f"{step.connected} ({nsims} fleet-sim processes); Mosquitto dropped "
+            f"{step.connected} ({nsims} {step.generator} processes); Mosquitto dropped "
             f"{step.keepalive_drops} clients for keep-alive expiry meanwhile; the last half "
             "minute:"
         )
@@ -585,7 +644,7 @@ def report_step(step: Step, nsims: int, cores: int) -> None:
         return
     print(
         f"step {label}: all online in presence after {step.connect_s:.0f} s "
-        f"({nsims} fleet-sim processes); steady window {step.window_s:.0f} s"
+        f"({nsims} {step.generator} processes); steady window {step.window_s:.0f} s"
     )
     per_msg = step.points / step.received if step.received else 0.0
     print(
@@ -610,7 +669,8 @@ def report_step(step: Step, nsims: int, cores: int) -> None:
     print(
         f"  backlog       spool {step.spool_before:.0f} -> {step.spool_after:.0f} points; write "
         f"retries +{step.retries:.0f}, slow writes +{step.slow:.0f}; fewest online "
-        f"{step.fewest_online}; keep-alive drops {step.keepalive_drops}"
+        f"{step.fewest_online}; keep-alive drops {step.keepalive_drops}; messages rejected "
+        f"+{step.rejected:.0f}, samples quarantined +{step.quarantined:.0f}"
     )
     report_usage(step, cores)
     server = step.cpu["fleet-server"]
@@ -641,7 +701,8 @@ def plan(args: argparse.Namespace, hard: int) -> list[tuple[int, int]]:
 
 async def ramp(fleet: Fleet, steps: list[tuple[int, int]], args: argparse.Namespace) -> int:
     cores = psutil.cpu_count() or 1
-    names = prefixes(math.ceil(steps[-1][0] / args.per_sim), fleet.run)
+    plan = layout(steps, args.per_sim)
+    names = prefixes(sum(len(counts) for counts in plan), fleet.run)
     held: Step | None = None
     failed: Step | None = None
     probe = Probe(f"{fleet.run}-probe")
@@ -653,11 +714,13 @@ async def ramp(fleet: Fleet, steps: list[tuple[int, int]], args: argparse.Namesp
             asyncio.create_task(watch_probes(http, fleet, probe, stopping), name="lag"),
         ]
         try:
-            for size, asked in steps:
-                while fleet.size < size:
-                    count = min(args.per_sim, size - fleet.size)
-                    start_sim(fleet, names[len(fleet.sims)], count, args)
-                step = Step(size, asked)
+            for (size, asked), counts in zip(steps, plan, strict=True):
+                for count in counts:
+                    # The step's new processes share --connect-rate between them.
+                    rate = args.connect_rate / len(counts)
+                    start_sim(fleet, names[len(fleet.sims)], count, args, rate)
+                assert fleet.size == size
+                step = Step(size, asked, generator=fleet.generator)
                 await connect(http, fleet, step, args.timeout)
                 if step.connect_s is not None:
                     await hold(http, fleet, step, probe, args)
@@ -708,9 +771,10 @@ def bench(args: argparse.Namespace) -> int:
     soft, raised, hard = raise_open_files()
     steps = plan(args, hard)
     top = steps[-1][0]
+    generator = GENERATORS[args.sim]
     print(
         f"open files    soft limit {soft} -> {raised} (hard {hard}); Mosquitto needs about "
-        f"{top + BROKER_FD_MARGIN} at {top} terminals, each fleet-sim about "
+        f"{top + BROKER_FD_MARGIN} at {top} terminals, each {generator} about "
         f"{min(top, args.per_sim) + SIM_FD_MARGIN}"
     )
     for size, asked in steps:
@@ -720,23 +784,30 @@ def bench(args: argparse.Namespace) -> int:
                 f"{asked + BROKER_FD_MARGIN} descriptors, over the hard limit {hard}, which "
                 "this process may not raise"
             )
+    kiosks = (
+        f"light kiosks (bench/light_fleet.py), connecting {args.connect_rate:g}/s"
+        if args.sim == "light"
+        else "full agents (fleet-sim)"
+    )
     print(
-        f"settings      steps {' / '.join(str(s) for s, _ in steps)}; {args.per_sim} kiosks per "
-        f"fleet-sim; telemetry every {args.interval:g} s (one message of 3 samples); keep-alive "
-        f"30 s; steady window {args.steady:g} s; connect timeout {args.timeout:g} s",
+        f"settings      steps {' / '.join(str(s) for s, _ in steps)}; {kiosks}, {args.per_sim} "
+        f"per {generator} process; telemetry every {args.interval:g} s (one message of 3 "
+        f"samples); keep-alive 30 s; steady window {args.steady:g} s; connect timeout "
+        f"{args.timeout:g} s",
         flush=True,
     )
     run = uuid.uuid4().hex[:4]
-    names = prefixes(math.ceil(top / args.per_sim), run)
+    counts = [count for step in layout(steps, args.per_sim) for count in step]
+    names = prefixes(len(counts), run)
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         workdir = Path(tmp)
         with running_stack(workdir / "stack") as info:
             sites = [f"fs-{run}-{i:03d}" for i in range(args.sites)]
             identities = [
-                # fleet-sim spreads its kiosks over the sites in this order
+                # fleet-sim and light_fleet spread their kiosks over the sites in this order
                 (f"{prefix}-{i:04d}", sites[(i - 1) % len(sites)])
-                for n, prefix in enumerate(names)
-                for i in range(1, min(args.per_sim, top - n * args.per_sim) + 1)
+                for prefix, count in zip(names, counts, strict=True)
+                for i in range(1, count + 1)
             ]
             elapsed = provision(info, workdir / "tls", [*identities, (f"{run}-probe", sites[0])])
             print(
@@ -752,6 +823,7 @@ def bench(args: argparse.Namespace) -> int:
                 f"fs_{run}",
                 run,
                 sites,
+                generator,
             )
             start_server(fleet, api_port)
             try:
@@ -775,7 +847,21 @@ def main() -> int:
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[5000, 10_000, GOAL], help="fleet sizes"
     )
-    parser.add_argument("--per-sim", type=int, default=2000, help="kiosks per fleet-sim (2000)")
+    parser.add_argument(
+        "--sim",
+        choices=sorted(GENERATORS),
+        default="light",
+        help="the kiosks: light (bench/light_fleet.py, the default) or agent (fleet-sim)",
+    )
+    parser.add_argument(
+        "--per-sim", type=int, default=2000, help="kiosks per light-fleet or fleet-sim (2000)"
+    )
+    parser.add_argument(
+        "--connect-rate",
+        type=float,
+        default=200.0,
+        help="light kiosks connecting a second, shared by a step's new processes (200)",
+    )
     parser.add_argument("--interval", type=float, default=10.0, help="telemetry period, s (10)")
     parser.add_argument("--steady", type=float, default=60.0, help="steady window, s (60)")
     parser.add_argument("--sites", type=int, default=200, help="sites imported (200)")
@@ -785,6 +871,8 @@ def main() -> int:
     args = parser.parse_args()
     if min(args.sizes) < 1 or args.per_sim < 1 or args.interval <= 0 or args.steady < 15:
         parser.error("sizes and --per-sim positive, --interval > 0, --steady >= 15")
+    if args.connect_rate <= 0:
+        parser.error("--connect-rate must be positive")
     if not 1 <= args.sites <= 999:
         parser.error("--sites from 1 to 999")
     return bench(args)

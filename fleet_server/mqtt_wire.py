@@ -255,11 +255,11 @@ def encode_connect(
         b"\x00\x04MQTT\x05"
         + bytes((flags,))
         + keepalive_s.to_bytes(2, "big")
-        + _varint(len(properties))
+        + encode_varint(len(properties))
         + properties
-        + _utf8(client_id)
+        + encode_utf8(client_id)
     )
-    return bytes((_CONNECT,)) + _varint(len(body)) + body
+    return bytes((_CONNECT,)) + encode_varint(len(body)) + body
 
 
 def encode_subscribe(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
@@ -272,18 +272,18 @@ def encode_subscribe(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
     for topic_filter, qos in filters:
         if qos not in (0, 1, 2):
             raise ValueError(f"QoS {qos} for {topic_filter!r} is not 0, 1 or 2")
-        payload += _utf8(topic_filter)
+        payload += encode_utf8(topic_filter)
         payload.append(qos)
     body = _packet_id(packet_id) + b"\x00" + payload  # no properties
-    return bytes((_SUBSCRIBE,)) + _varint(len(body)) + body
+    return bytes((_SUBSCRIBE,)) + encode_varint(len(body)) + body
 
 
 def encode_unsubscribe(packet_id: int, filters: list[str]) -> bytes:
     """UNSUBSCRIBE (§3.10)."""
     if not filters:
         raise ValueError("UNSUBSCRIBE needs at least one topic filter (§3.10.3)")
-    body = _packet_id(packet_id) + b"\x00" + b"".join(_utf8(f) for f in filters)
-    return bytes((_UNSUBSCRIBE,)) + _varint(len(body)) + body
+    body = _packet_id(packet_id) + b"\x00" + b"".join(encode_utf8(f) for f in filters)
+    return bytes((_UNSUBSCRIBE,)) + encode_varint(len(body)) + body
 
 
 def encode_puback(packet_id: int) -> bytes:
@@ -299,7 +299,7 @@ def _packet_id(packet_id: int) -> bytes:
     return packet_id.to_bytes(2, "big")
 
 
-def _utf8(text: str) -> bytes:
+def encode_utf8(text: str) -> bytes:
     """A UTF-8 Encoded String (§1.5.4): two byte length, then the bytes."""
     data = text.encode()
     if len(data) > 0xFFFF:
@@ -307,7 +307,7 @@ def _utf8(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def _varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
     """A Variable Byte Integer (§1.5.5): 7 bits per byte, least significant first."""
     if not 0 <= value <= _MAX_VARINT:
         raise ValueError(f"{value} does not fit a Variable Byte Integer")
