@@ -54,7 +54,6 @@ import random
 import signal
 import socket
 import ssl
-import struct
 import sys
 import time
 from collections import Counter, deque
@@ -80,6 +79,8 @@ from fleet_protocol.topics import Channel, topic
 from fleet_server.mqtt_wire import (
     DISCONNECT,
     PINGREQ,
+    Will,
+    encode_connect,
     encode_puback,
     encode_subscribe,
     encode_utf8,
@@ -137,40 +138,20 @@ def agent_version() -> str:
 # --- encoders (what fleet_server.mqtt_wire, a subscriber's codec, does not have) ----------
 
 
-def _binary(data: bytes) -> bytes:
-    """Binary Data (§1.5.6): two byte length, then the bytes."""
-    if len(data) > 0xFFFF:
-        raise ValueError(f"{len(data)} bytes do not fit an MQTT string or binary field")
-    return len(data).to_bytes(2, "big") + data
-
-
-def encode_connect(
-    client_id: str,
-    *,
-    keepalive_s: int,
-    session_expiry_s: int,
-    will_topic: str,
-    will_payload: bytes,
-    will_qos: int = 1,
-    will_retain: bool = True,
-    clean_start: bool = False,
+def agent_connect(
+    client_id: str, keepalive_s: int, session_expiry_s: int, state_topic: str, will: State
 ) -> bytes:
-    """CONNECT (§3.1) with a last will, as paho-mqtt 2 sends the agent's: the Session Expiry
-    Interval its only property, no will properties, no user name or password."""
-    flags = 0x04 | (will_qos << 3) | (0x20 if will_retain else 0) | (0x02 if clean_start else 0)
-    properties = struct.pack(">BI", _P_SESSION_EXPIRY, session_expiry_s)
-    body = (
-        b"\x00\x04MQTT\x05"
-        + bytes((flags,))
-        + keepalive_s.to_bytes(2, "big")
-        + encode_varint(len(properties))
-        + properties
-        + encode_utf8(client_id)
-        + b"\x00"  # will properties: none
-        + encode_utf8(will_topic)
-        + _binary(will_payload)
+    """CONNECT as paho-mqtt 2 sends the agent's: the Session Expiry Interval its only property,
+    the retained QoS 1 "lost" state as its will, no user name or password."""
+    return encode_connect(
+        client_id,
+        clean_start=False,
+        keepalive_s=keepalive_s,
+        session_expiry_s=session_expiry_s,
+        receive_maximum=None,
+        maximum_packet_size=None,
+        will=Will(state_topic, encode(will)),
     )
-    return bytes((_CONNECT,)) + encode_varint(len(body)) + body
 
 
 def encode_publish(topic_bytes: bytes, packet_id: int, payload: bytes, *, retain: bool) -> bytes:
@@ -573,12 +554,8 @@ class Kiosk:
             self._control = loop.create_future()
             self._send(
                 link,
-                encode_connect(
-                    self.id,
-                    keepalive_s=fleet.keepalive_s,
-                    session_expiry_s=fleet.session_expiry_s,
-                    will_topic=self._state_topic,
-                    will_payload=encode(will),
+                agent_connect(
+                    self.id, fleet.keepalive_s, fleet.session_expiry_s, self._state_topic, will
                 ),
             )
             kind, body = await self._control

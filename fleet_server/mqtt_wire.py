@@ -225,39 +225,58 @@ _PINGRESP: Final = PingResp()
 _PUBACK_STRUCT: Final = struct.Struct(">BBH")
 
 
+@dataclass(frozen=True, slots=True)
+class Will:
+    """A last will (§3.1.2.5): published by the broker when the session ends uncleanly."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
 def encode_connect(
     client_id: str,
     *,
     clean_start: bool,
     keepalive_s: int,
     session_expiry_s: int,
-    receive_maximum: int,
-    maximum_packet_size: int = MAX_PACKET_SIZE,
+    receive_maximum: int | None,
+    maximum_packet_size: int | None = MAX_PACKET_SIZE,
+    will: Will | None = None,
 ) -> bytes:
-    """CONNECT (§3.1) without user name, password or will.
+    """CONNECT (§3.1) without user name or password, with an optional last will (no will
+    properties).
 
     The properties: Session Expiry Interval (§3.1.2.11.2; omitted when 0, its default),
     Receive Maximum (§3.1.2.11.3; how many QoS 1 deliveries may wait for our PUBACK) and
-    Maximum Packet Size (§3.1.2.11.4; what the decoder accepts)."""
+    Maximum Packet Size (§3.1.2.11.4; what the decoder accepts), each omitted when None."""
     if not 0 <= keepalive_s <= 0xFFFF:
         raise ValueError(f"keep-alive {keepalive_s} s is out of range 0..65535")
-    if not 1 <= receive_maximum <= 0xFFFF:
+    if receive_maximum is not None and not 1 <= receive_maximum <= 0xFFFF:
         raise ValueError(f"receive maximum {receive_maximum} is out of range 1..65535")
     properties = bytearray()
     if session_expiry_s:
         properties += struct.pack(">BI", _P_SESSION_EXPIRY, session_expiry_s)
-    properties += struct.pack(">BH", _P_RECEIVE_MAXIMUM, receive_maximum)
-    properties += struct.pack(">BI", _P_MAXIMUM_PACKET_SIZE, maximum_packet_size)
-    # §3.1.2.1-3.1.2.10: protocol name "MQTT", version 5, connect flags (only Clean Start,
-    # bit 1), keep-alive in seconds; then the properties and the payload (the client id).
+    if receive_maximum is not None:
+        properties += struct.pack(">BH", _P_RECEIVE_MAXIMUM, receive_maximum)
+    if maximum_packet_size is not None:
+        properties += struct.pack(">BI", _P_MAXIMUM_PACKET_SIZE, maximum_packet_size)
+    # §3.1.2.1-3.1.2.10: protocol name "MQTT", version 5, connect flags (Clean Start, bit 1;
+    # the will's flag, QoS and retain, bits 2-5), keep-alive in seconds; then the properties
+    # and the payload (the client id, then the will: no properties, its topic and payload).
     flags = 0x02 if clean_start else 0x00
+    payload = encode_utf8(client_id)
+    if will is not None:
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
+        payload += b"\x00" + encode_utf8(will.topic) + encode_binary(will.payload)
     body = (
         b"\x00\x04MQTT\x05"
         + bytes((flags,))
         + keepalive_s.to_bytes(2, "big")
         + encode_varint(len(properties))
         + properties
-        + encode_utf8(client_id)
+        + payload
     )
     return bytes((_CONNECT,)) + encode_varint(len(body)) + body
 
@@ -301,9 +320,13 @@ def _packet_id(packet_id: int) -> bytes:
 
 def encode_utf8(text: str) -> bytes:
     """A UTF-8 Encoded String (§1.5.4): two byte length, then the bytes."""
-    data = text.encode()
+    return encode_binary(text.encode())
+
+
+def encode_binary(data: bytes) -> bytes:
+    """Binary Data (§1.5.6): two byte length, then the bytes."""
     if len(data) > 0xFFFF:
-        raise ValueError(f"string of {len(data)} bytes is longer than MQTT allows (65535)")
+        raise ValueError(f"{len(data)} bytes do not fit an MQTT string or binary field")
     return len(data).to_bytes(2, "big") + data
 
 

@@ -235,13 +235,7 @@ async def test_light_kiosk_sends_the_agents_bytes() -> None:
         online=True, session=session, ts=ts, site=site_id(site), agent_version=light.agent_version()
     )
     ours = [
-        light.encode_connect(
-            terminal,
-            keepalive_s=light.KEEPALIVE_S,
-            session_expiry_s=light.SESSION_EXPIRY_S,
-            will_topic=state,
-            will_payload=encode(will),
-        ),
+        light.agent_connect(terminal, light.KEEPALIVE_S, light.SESSION_EXPIRY_S, state, will),
         encode_subscribe(1, [(f"kiosk/v1/{terminal}/cmd/+", 1)]),
         light.encode_publish(light.topic_field(state), 2, encode(birth), retain=True),
         DISCONNECT,

@@ -119,7 +119,13 @@ def test_connect_with_clean_start_and_no_session_expiry_leaves_the_default_out()
 def test_connect_refuses_values_mqtt_cannot_carry(kwargs: dict[str, int], problem: str) -> None:
     values = {"keepalive_s": 30, "session_expiry_s": 0, "receive_maximum": 10} | kwargs
     with pytest.raises(ValueError, match=problem):
-        encode_connect("c", clean_start=False, **values)
+        encode_connect(
+            "c",
+            clean_start=False,
+            keepalive_s=values["keepalive_s"],
+            session_expiry_s=values["session_expiry_s"],
+            receive_maximum=values["receive_maximum"],
+        )
 
 
 def test_subscribe_carries_each_filter_with_its_qos() -> None:
