@@ -297,6 +297,7 @@ class AlertPolicy:
         self._views: dict[str, TerminalView] = {}
         self._alerts: dict[tuple[AlertKind, str], Alert] = {}
         self._now_ms = 0
+        self._down = _DownIndex()
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -304,8 +305,10 @@ class AlertPolicy:
         now = self._clock(now_ms)
         out: list[Decision] = []
         terminal, new = transition.terminal, transition.new
+        came_back = self._view(terminal).status == "offline" and new != "offline"
         self._views[terminal] = replace(self._view(terminal), status=new)
         site = self.fleet.site_of(terminal)
+        self._down_index().update(terminal, site, new, now)
         if site is None:
             return out
         offline = self._alerts.get(("terminal-offline", terminal))
@@ -320,7 +323,9 @@ class AlertPolicy:
             # Down after flapping: the offline alert that just opened tells the owners.
             self._close(out, flapping, now, "stable" if new in UP else "now-offline", new in UP)
         self._check_site(site.site, now, out)
-        self._check_district(site.district, now, out)
+        self._check_district(
+            site.district, now, out, full=False, came_back=terminal if came_back else None
+        )
         # Grace periods, reminders and escalation advance in tick(), not here: a broker
         # restart is thousands of transitions at once, and walking every open alert for each
         # one made that quadratic (seconds of a stalled event loop at 2,000 terminals).
@@ -365,7 +370,7 @@ class AlertPolicy:
             self._check_site(site, now, out)
         districts = {s for kind, s in self._alerts if kind == "district-outage"}
         for district in sorted(districts.union(self.fleet.districts())):
-            self._check_district(district, now, out)
+            self._check_district(district, now, out, full=True)
         self._advance_all(now, out)
         return out
 
@@ -418,15 +423,30 @@ class AlertPolicy:
         elif alert is not None and (not offline or alert.status == "pending"):
             self._close(out, alert, now, "recovered" if not offline else "site-partly-back")
 
-    def _check_district(self, district: str, now: int, out: list[Decision]) -> None:
+    def _check_district(
+        self,
+        district: str,
+        now: int,
+        out: list[Decision],
+        *,
+        full: bool,
+        came_back: str | None = None,
+    ) -> None:
+        """Open or close the district's outage alert; ``full`` also updates its terminal list.
+
+        A presence change costs O(1) here unless it opens or closes the alert (a connect storm
+        is tens of thousands of changes in one district); tick() brings the list up to date.
+        A closed alert lists the terminals that were offline up to its end: with
+        ``came_back``, the one whose return ended it.
+        """
         s = self.settings
-        terminals = self.fleet.terminals_of_district(district)
-        threshold = max(s.district_min_down, -(-len(terminals) * s.district_percent // 100))
-        offline = tuple(t for t in terminals if self._view(t).status == "offline")
+        size = len(self.fleet.terminals_of_district(district))
+        threshold = max(s.district_min_down, -(-size * s.district_percent // 100))
+        index = self._down_index()
+        down = index.count(district)
         alert = self._alerts.get(("district-outage", district))
         if alert is None:
-            serving = [t for t in offline if _is_open(self.fleet.site_of(t), now)]
-            if len(serving) >= threshold:
+            if down >= threshold and index.serving(district, now, self.fleet) >= threshold:
                 self._alerts[("district-outage", district)] = Alert(
                     id=f"district-outage:{district}:{now}",
                     kind="district-outage",
@@ -434,12 +454,22 @@ class AlertPolicy:
                     district=district,
                     site=None,
                     opened_at_ms=now,
-                    terminals=offline,
+                    terminals=index.terminals(district),
                 )
-        elif len(offline) < threshold:
+        elif down < threshold:
+            if not full:  # else a new fleet moved terminals away: the list stands as it was
+                alert = replace(alert, terminals=index.terminals(district, also=came_back))
             self._close(out, alert, now, "recovered")
-        elif offline != alert.terminals:
-            self._store(replace(alert, terminals=offline))
+        elif full:
+            offline = index.terminals(district)
+            if offline != alert.terminals:
+                self._store(replace(alert, terminals=offline))
+
+    def _down_index(self) -> _DownIndex:
+        """The offline terminals per district, rebuilt when the fleet was replaced."""
+        if self._down.fleet is not self.fleet:
+            self._down = _DownIndex.build(self.fleet, self._views)
+        return self._down
 
     # --- the alert lifecycle ---------------------------------------------------------------
 
@@ -633,6 +663,60 @@ class AlertPolicy:
     def _clock(self, now_ms: int) -> int:
         self._now_ms = max(self._now_ms, now_ms)
         return self._now_ms
+
+
+class _DownIndex:
+    """Which terminals of each district are offline, kept up to date change by change.
+
+    ``serving`` (how many of them stand at sites open at ``now``) is counted once per ``now``
+    and then adjusted by each change: the engine decides on many changes at one ``now``.
+    """
+
+    def __init__(self, fleet: Fleet | None = None) -> None:
+        self.fleet = fleet
+        self._offline: dict[str, set[str]] = {}
+        self._serving: dict[str, tuple[int, int]] = {}
+
+    @classmethod
+    def build(cls, fleet: Fleet, views: Mapping[str, TerminalView]) -> _DownIndex:
+        index = cls(fleet)
+        for terminal, view in views.items():
+            site = fleet.site_of(terminal)
+            if view.status == "offline" and site is not None:
+                index._offline.setdefault(site.district, set()).add(terminal)
+        return index
+
+    def update(self, terminal: str, site: SitePolicy | None, status: str, now: int) -> None:
+        if site is None:
+            return
+        offline = self._offline.setdefault(site.district, set())
+        if (status == "offline") == (terminal in offline):
+            return
+        if status == "offline":
+            offline.add(terminal)
+            step = 1
+        else:
+            offline.discard(terminal)
+            step = -1
+        counted = self._serving.get(site.district)
+        if counted is not None and counted[0] == now and site.is_open(now):
+            self._serving[site.district] = (now, counted[1] + step)
+
+    def count(self, district: str) -> int:
+        return len(self._offline.get(district, ()))
+
+    def terminals(self, district: str, also: str | None = None) -> tuple[str, ...]:
+        offline = self._offline.get(district, set())
+        return tuple(sorted(offline if also is None else offline | {also}))
+
+    def serving(self, district: str, now: int, fleet: Fleet) -> int:
+        """How many of the district's offline terminals stand at sites open at ``now``."""
+        counted = self._serving.get(district)
+        if counted is None or counted[0] != now:
+            offline = self._offline.get(district, ())
+            counted = (now, sum(1 for t in offline if _is_open(fleet.site_of(t), now)))
+            self._serving[district] = counted
+        return counted[1]
 
 
 def _is_open(site: SitePolicy | None, now: int) -> bool:

@@ -6,7 +6,7 @@ Time starts on Monday 8 January 2024 in China Standard Time. Sites keep weekday 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta, timezone
 
 import msgspec
@@ -546,3 +546,87 @@ def test_a_restart_mid_way_decides_exactly_as_an_uninterrupted_run(
     # Whatever happened, nobody is told twice that the same thing was sent or resolved.
     mailed = [(d.alert.id, d.action) for d in straight.mails() if d.action != "reminded"]
     assert len(set(mailed)) == len(mailed)
+
+
+# A district of 18 terminals (threshold 3): three weekday sites and three 24-hour zones.
+DISTRICT = fleet_of(
+    *[(site(f"village-{n}"), 3) for n in range(3)],
+    *[(site(f"zone-{n}", open_24h=True), 3) for n in range(3)],
+)
+DISTRICT_TERMINALS = sorted(DISTRICT.terminals)
+
+moves = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["lose", "connect"]), st.sets(st.integers(0, 17), max_size=6)),
+        st.tuples(st.just("wait"), st.integers(1, 90)),
+        st.tuples(st.sampled_from(["move", "restart"]), st.just(0)),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+def make_move(world: World, action: str, arg: object) -> None:
+    """One move of the district test; ``move`` takes zone-2 to another district, or back."""
+    if action in ("lose", "connect"):
+        chosen = [DISTRICT_TERMINALS[i] for i in sorted(arg)]  # type: ignore[call-overload]
+        if action == "lose":
+            world.lose(*[t for t in chosen if t in world.connected])
+        for terminal in chosen if action == "connect" else ():
+            if terminal not in world.connected:
+                world.connect(terminal)
+    elif action == "wait":
+        world.run(arg * MINUTE, step_ms=5 * MINUTE)  # type: ignore[operator]
+    elif action == "move":
+        zone = world.policy.fleet.sites["zone-2"]
+        zone = replace(zone, district="minhang" if zone.district == "pudong" else "pudong")
+        others = [(p, 3) for p in DISTRICT.sites.values() if p.site != "zone-2"]
+        world.policy.fleet = fleet_of(*others, (zone, 3))
+    else:
+        snapshot = msgspec.json.encode(world.policy.snapshot())
+        world.policy = AlertPolicy.restore(
+            msgspec.json.decode(snapshot, type=PolicySnapshot), world.policy.fleet
+        )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=moves)
+def test_the_district_alert_follows_the_rule_whatever_the_order_of_changes(
+    script: list[tuple[str, object]],
+) -> None:
+    """Open as soon as 3 terminals at open sites are offline; close once fewer than 3 are.
+
+    Changes arrive several at one moment (as in a broker restart), time crosses closing time,
+    a site moves to another district and back, the server restarts: the alert keeps the rule,
+    and once time has passed it lists exactly the district's offline terminals.
+    """
+    world = World(DISTRICT, at(0, 16, 30))
+    status: dict[str, str] = {}
+    feed = world.feed
+
+    def feed_and_watch(transitions: list[Transition]) -> None:
+        status.update({t.terminal: t.new for t in transitions})
+        feed(transitions)
+
+    world.feed = feed_and_watch  # type: ignore[method-assign]
+    settled = True
+    for action, arg in script:
+        make_move(world, action, arg)
+        # A new fleet counts from the next tick (or from a change in that district).
+        settled = action == "wait" or (settled and action != "move")
+        if not settled:
+            continue
+        fleet = world.policy.fleet
+        pudong = fleet.terminals_of_district("pudong")
+        offline = sorted(t for t, s in status.items() if s == "offline" and t in pudong)
+        serving = [t for t in offline if fleet.sites[fleet.terminals[t]].is_open(world.now)]
+        alerts = [a for a in world.policy.alerts() if a.subject == "pudong"]
+        if len(serving) >= 3:
+            assert alerts, f"{serving} are offline at open sites, and no alert"
+        for alert in alerts:
+            assert len(offline) >= 3, f"the alert stays open with only {offline} offline"
+            if action == "wait":
+                assert list(alert.terminals) == offline
+    for decision in world.decisions:
+        if decision.alert.subject == "pudong" and decision.action == "resolved":
+            assert len(decision.alert.terminals) >= 3  # what was down, not what is left
