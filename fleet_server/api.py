@@ -18,7 +18,7 @@ from aiohttp import web
 
 from fleet_protocol.ops import TerminalList
 from fleet_server.errors import FleetServerError
-from fleet_server.metrics import CONTENT_TYPE, IngestStats, fleet_families, render
+from fleet_server.metrics import CONTENT_TYPE, AlertingView, IngestStats, fleet_families, render
 from fleet_server.ops_fleet_api import add_fleet_routes
 from fleet_server.registry import Registry
 
@@ -31,6 +31,7 @@ STATS: web.AppKey[Callable[[], IngestStats]] = web.AppKey("stats")
 HEALTHY: web.AppKey[Callable[[], bool]] = web.AppKey("healthy")
 TERMINAL_STATES: web.AppKey[Counts | None] = web.AppKey("terminal_states")
 MAIL_COUNTERS: web.AppKey[Counts | None] = web.AppKey("mail_counters")
+ALERTING: web.AppKey[Callable[[], AlertingView] | None] = web.AppKey("alerting")
 
 _encoder = msgspec.json.Encoder()
 
@@ -76,8 +77,15 @@ async def _metrics(request: web.Request) -> web.Response:
     else:
         by_state = {"online": 0, "offline": 0, "unknown": 0}
         by_state.update(Counter(t.status for t in await app[REGISTRY].terminals()))
-    mail = app[MAIL_COUNTERS]
-    text = render(fleet_families(app[STATS](), by_state, None if mail is None else mail()))
+    mail, alerting = app[MAIL_COUNTERS], app[ALERTING]
+    text = render(
+        fleet_families(
+            app[STATS](),
+            by_state,
+            None if mail is None else mail(),
+            None if alerting is None else alerting(),
+        )
+    )
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -92,18 +100,21 @@ def make_app(
     *,
     terminal_states: Counts | None = None,
     mail_counters: Counts | None = None,
+    alerting: Callable[[], AlertingView] | None = None,
     ack_secret: bytes | None = None,
     clock: Callable[[], int] = wall_ms,
 ) -> web.Application:
     """The ops API. ``terminal_states`` counts terminals by presence state for /metrics (by
     default the registry's online/offline/unknown); ``mail_counters`` are the mailer's
-    counters by outcome (sent, failed, ...), when the server sends mail."""
+    counters by outcome (sent, failed, ...), when the server sends mail; ``alerting`` the
+    alerting loop's counters, when it runs."""
     app = web.Application()
     app[REGISTRY] = registry
     app[STATS] = stats
     app[HEALTHY] = healthy
     app[TERMINAL_STATES] = terminal_states
     app[MAIL_COUNTERS] = mail_counters
+    app[ALERTING] = alerting
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/v1/terminals", _terminals)
     app.router.add_get("/api/v1/ingest", _ingest)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fleet_protocol.enrolment import RENEW_PATH
 from fleet_server.alert_policy import AlertSettings
-from fleet_server.alerting import AlertingService, AlertingSettings, wall_ms
+from fleet_server.alerting import AlertingCounters, AlertingService, AlertingSettings, wall_ms
 from fleet_server.api import make_app, serve
 from fleet_server.batcher import PointBatcher
 from fleet_server.config import ServerConfig
@@ -35,7 +35,7 @@ from fleet_server.ingest import Ingest, IngestLimits
 from fleet_server.mail_message import Mailbox
 from fleet_server.mail_outbox import MailOutbox
 from fleet_server.mailer import Mailer
-from fleet_server.metrics import ClockFaultView, IngestStats, SpoolView
+from fleet_server.metrics import AlertingView, ClockFaultView, IngestStats, SpoolView
 from fleet_server.mqtt_ingest import MqttIngest
 from fleet_server.presence_table import PresenceSettings
 from fleet_server.registry import Registry, SiteRecord
@@ -112,6 +112,7 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
                 mqtt.connected.is_set,
                 terminal_states=lambda: alerting.counters.statuses,
                 mail_counters=(lambda: dataclasses.asdict(mailer.counters)) if mailer else None,
+                alerting=lambda: _alerting_view(alerting.counters),
                 ack_secret=await _ack_secret(config),
             ),
             config.api.host,
@@ -145,6 +146,16 @@ async def run(config: ServerConfig, stopping: asyncio.Event) -> None:
             if stop_enrolment is not None:
                 await stop_enrolment()
             await stop_api()
+
+
+def _alerting_view(c: AlertingCounters) -> AlertingView:
+    return AlertingView(
+        leading=c.leading,
+        decisions=c.decisions,
+        mails_queued=c.mails_queued,
+        inputs_dropped=c.inputs_dropped,
+        registry_errors=c.registry_errors,
+    )
 
 
 def _stats(ingest: Ingest, batcher: PointBatcher, spool: Spool, connected: bool) -> IngestStats:

@@ -1,7 +1,8 @@
 """The fleet server's operational numbers: one snapshot, served as JSON and as Prometheus text.
 
 `IngestStats` is what ``GET /api/v1/ingest`` returns; `fleet_families` turns it (plus the
-terminals by presence state, and the mailer's counters when there is a mailer) into metric
+terminals by presence state, the mailer's counters when there is a mailer and the alerting
+loop's when it runs) into metric
 families, and `render` writes them in the Prometheus text exposition format 0.0.4 for
 ``GET /metrics``. Pure: no I/O, no clock.
 
@@ -92,6 +93,17 @@ class IngestStats(msgspec.Struct, frozen=True, kw_only=True):
     flooding: list[str] = []
 
 
+class AlertingView(msgspec.Struct, frozen=True, kw_only=True):
+    """The alerting loop's counters (see `fleet_server.alerting.AlertingCounters`)."""
+
+    #: True in the one process that holds the alerting lease and decides.
+    leading: bool = False
+    decisions: int = 0
+    mails_queued: int = 0
+    inputs_dropped: int = 0
+    registry_errors: int = 0
+
+
 # --- exposition -----------------------------------------------------------------------------
 
 Value = int | float | bool
@@ -177,8 +189,10 @@ def fleet_families(
     stats: IngestStats,
     terminal_states: Mapping[str, int],
     mail: Mapping[str, int] | None = None,
+    alerting: AlertingView | None = None,
 ) -> list[Family]:
-    """What ``/metrics`` shows; ``mail`` are the mailer's counters by outcome, if it runs."""
+    """What ``/metrics`` shows; ``mail`` are the mailer's counters by outcome, if it runs,
+    ``alerting`` the alerting loop's, if it runs."""
     received = {str(c): 0 for c in Channel} | stats.received
     rejected = dict.fromkeys(REJECT_REASONS, 0)
     for reasons in stats.rejected.values():
@@ -342,4 +356,41 @@ def fleet_families(
         families.append(
             Family.by("fleet_mail_total", "counter", "E-mails by outcome.", "outcome", mail)
         )
+    if alerting is not None:
+        families += _alerting_families(alerting)
     return families
+
+
+def _alerting_families(view: AlertingView) -> list[Family]:
+    return [
+        Family.single(
+            "fleet_alerting_leader",
+            "gauge",
+            "1 in the one server process that holds the alerting lease and decides alerts.",
+            view.leading,
+        ),
+        Family.single(
+            "fleet_alert_decisions_total",
+            "counter",
+            "Alert decisions stored by this process (sent, suppressed, resolved, ...).",
+            view.decisions,
+        ),
+        Family.single(
+            "fleet_alert_mails_queued_total",
+            "counter",
+            "Alert e-mails this process put in the outbox.",
+            view.mails_queued,
+        ),
+        Family.single(
+            "fleet_alerting_inputs_dropped_total",
+            "counter",
+            "Presence and peripheral messages dropped because the alerting queue was full.",
+            view.inputs_dropped,
+        ),
+        Family.single(
+            "fleet_alerting_registry_errors_total",
+            "counter",
+            "Alerting ticks that failed because the registry did (each is tried again).",
+            view.registry_errors,
+        ),
+    ]

@@ -363,6 +363,20 @@ def http_json(url: str) -> object:
         return json.load(response)
 
 
+def server_metrics(api: str) -> tuple[str, dict[str, float]]:
+    """The content type of a server's /metrics and its samples, by name and labels as written
+    (``fleet_spool_points``, ``fleet_mail_total{outcome="sent"}``)."""
+    with urllib.request.urlopen(f"{api}/metrics", timeout=10) as response:
+        content_type = response.headers["Content-Type"]
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return content_type, values
+
+
 @dataclass
 class RunningServer:
     """A ``fleet-server`` process of a test, with its own database and share group."""

@@ -38,6 +38,7 @@ from tests.integration.fleet import (
     mails_about,
     provision_sim,
     read_mails,
+    server_metrics,
     sites_toml,
     start_server,
     start_sim,
@@ -132,6 +133,11 @@ def system_seqs(info: StackInfo, database: str, terminal: str, *, since_ms: int)
     values = series[0]["values"]
     assert isinstance(values, list)
     return [int(v[1]) for v in values]
+
+
+def leads(server: RunningServer) -> bool:
+    """Whether the process says on /metrics that it holds the alerting lease."""
+    return server_metrics(server.api)[1]["fleet_alerting_leader"] == 1
 
 
 def points_written(*servers: RunningServer) -> int:
@@ -231,6 +237,8 @@ def _share_and_take_over(
         holder = eventually(lambda: lease_holder(registry), 10)
         [leader] = [s for s in servers if s.client_id == holder]
         [other] = [s for s in servers if s is not leader]
+        assert leads(leader)
+        assert not leads(other)
         _dropped_and_back(maildir, control, kiosks[0], other)
         assert f"alert terminal-offline:{kiosks[0]}:" in leader.proc.output()
         assert f"alert terminal-offline:{kiosks[0]}:" not in other.proc.output()
@@ -240,6 +248,7 @@ def _share_and_take_over(
         leader.stop()
         stopped_ms = now_ms()
         eventually(lambda: lease_holder(registry) == other.client_id, 30)
+        eventually(lambda: leads(other), 10)
         _dropped_and_back(maildir, control, kiosks[1], other)
         assert f"alert terminal-offline:{kiosks[1]}:" in other.proc.output()
         assert len(mails_about(maildir, kiosks[0])) == 2

@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.integration.fleet import (
     issue_identity,
     mqtt_client,
     server_healthy,
+    server_metrics,
     write_server_config,
 )
 
@@ -122,19 +122,6 @@ def stored(info: stack.StackInfo, terminal: str) -> list[tuple[int, int]]:
     return [(int(t), int(seq)) for t, seq in values]
 
 
-def metrics(api: str) -> tuple[str, dict[str, float]]:
-    """The content type of /metrics and its unlabelled samples."""
-    with urllib.request.urlopen(f"{api}/metrics", timeout=10) as response:
-        content_type = response.headers["Content-Type"]
-        text = response.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return content_type, values
-
-
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -193,7 +180,7 @@ async def test_a_minute_without_influxdb_under_load_loses_nothing_and_keeps_memo
         rss_during: list[int] = []
         while time.monotonic() - outage_began < OUTAGE_S:
             await asyncio.sleep(5)
-            _, values = await asyncio.to_thread(metrics, api)
+            _, values = await asyncio.to_thread(server_metrics, api)
             depths.append(values["fleet_spool_batches"])
             rss_during.append(rss_kib(server.pid))
             assert values["fleet_spool_holding"] == 0, "deliveries held: the spool is full"
@@ -205,7 +192,7 @@ async def test_a_minute_without_influxdb_under_load_loses_nothing_and_keeps_memo
         await asyncio.gather(*tasks)
 
         def drained() -> dict[str, float] | None:
-            _, values = metrics(api)
+            _, values = server_metrics(api)
             return values if values["fleet_spool_batches"] == 0 else None
 
         after = await asyncio.to_thread(eventually, drained, 60)
@@ -216,7 +203,7 @@ async def test_a_minute_without_influxdb_under_load_loses_nothing_and_keeps_memo
             return found if done else None
 
         found = await asyncio.to_thread(eventually, complete, 30)
-        content_type, _ = await asyncio.to_thread(metrics, api)
+        content_type, _ = await asyncio.to_thread(server_metrics, api)
         ingest = await asyncio.to_thread(http_json, f"{api}/api/v1/ingest")
     finally:
         stop.set()

@@ -11,6 +11,7 @@ import pytest
 
 from fleet_server.metrics import (
     CONTENT_TYPE,
+    AlertingView,
     ClockFaultView,
     Family,
     IngestStats,
@@ -211,6 +212,19 @@ def test_fleet_families_count_by_reason_and_list_only_flagged_terminals() -> Non
     # Every family is announced once, before its samples.
     names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(names) == len(set(names))
+
+
+def test_the_alerting_loop_shows_whether_it_leads_and_what_failed() -> None:
+    view = AlertingView(leading=True, decisions=7, mails_queued=3, registry_errors=2)
+    text = render(fleet_families(stats(), {}, None, view))
+    assert samples(text, "fleet_alerting_leader") == {"": "1"}
+    assert samples(text, "fleet_alert_decisions_total") == {"": "7"}
+    assert samples(text, "fleet_alert_mails_queued_total") == {"": "3"}
+    assert samples(text, "fleet_alerting_inputs_dropped_total") == {"": "0"}
+    assert samples(text, "fleet_alerting_registry_errors_total") == {"": "2"}
+    follower = render(fleet_families(stats(), {}, None, AlertingView()))
+    assert samples(follower, "fleet_alerting_leader") == {"": "0"}
+    assert "fleet_alerting" not in render(fleet_families(stats(), {}))
 
 
 def test_without_a_mailer_there_is_no_mail_family() -> None:
