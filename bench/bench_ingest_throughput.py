@@ -14,7 +14,8 @@ the consumer comes back and drains the queue. Draining is what is timed, so neit
 includes how fast the messages were published. Both consumers use the broker's service
 listener (mutual TLS, the fleet server's own certificate from the stack's PKI, as
 ``tests/integration/fleet.py`` configures the server), the same ``$share/<group>/...``
-telemetry filter, QoS 1 and the same Receive Maximum (the server's default, 200).
+telemetry filter, QoS 1 and the same Receive Maximum (``--receive-maximum``, by default the
+server's default, 1000).
 
 - baseline: Debian's ``mosquitto_sub`` (a C client, package ``mosquitto-clients``) drains the
   queue with ``-C N -F %U``: it prints each message's arrival time (ns resolution) and exits
@@ -38,11 +39,12 @@ telemetry filter, QoS 1 and the same Receive Maximum (the server's default, 200)
 
 - InfluxDB alone: the same messages made into lines the way the server makes them
   (``fleet_server.telemetry_lines``), written straight to a new database by 1 .. K writer
-  threads, 100 messages (half the Receive Maximum; the server writes a third of it, two
-  writes at once, while draining) a write. The server stores through InfluxDB, so on the same
-  machine no number of server processes can beat this; printed with its own ratio to the
-  baseline, and each K's ratio to it, so that what is the server's and what is InfluxDB's can
-  be told apart. (Here, 2 cores:
+  threads, half the Receive Maximum of messages (500 by default; the server writes a third of
+  it, two writes at once, while draining) a write, but no more than ``batch_points`` points
+  (the server's cap on a write, 5,000 by default: 416 messages). The server stores through
+  InfluxDB, so on the same machine no number of server processes can beat this; printed with
+  its own ratio to the baseline, and each K's ratio to it, so that what is the server's and
+  what is InfluxDB's can be told apart. (Here, 2 cores, 100 messages a write:
   InfluxDB 1.6 took 7,300-9,500 messages/s, 0.45-0.55 of the broker's drain, using 1-1.2
   cores itself.)
 
@@ -61,6 +63,7 @@ Needs ``/usr/bin/mosquitto_pub`` and ``/usr/bin/mosquitto_sub``: Debian package
 processes started here are stopped, by PID. Every phase has a time limit (``--timeout``).
 
     .venv/bin/python bench/bench_ingest_throughput.py [--messages 20000] [--timeout 120]
+        [--receive-maximum 1000] [--max-processes 3]
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ from pathlib import Path
 from typing import Final
 
 import aiomqtt
+import msgspec
 import psutil
 
 from edge_agent.sim import SimulatedMachine
@@ -102,6 +106,7 @@ from fleet_protocol.codec import decode, encode
 from fleet_protocol.ids import site_id, terminal_id
 from fleet_protocol.messages import Sample, State, Telemetry
 from fleet_protocol.topics import Channel, topic
+from fleet_server.config import BrokerSettings, InfluxSettings
 from fleet_server.telemetry_lines import TerminalLines, sample_points
 from provisioning.stack import StackInfo, running_stack, server_config
 
@@ -113,8 +118,18 @@ PREFIX: Final = "tput"
 #: fleet-sim's defaults: a sample of each kind every 5 s, six samples to a message.
 INTERVAL_MS: Final = 5_000
 INTERVALS_PER_MESSAGE: Final = 2
-#: The fleet server's default [broker] receive_maximum; the baseline asks for the same.
-RECEIVE_MAXIMUM: Final = 200
+
+
+def _default(settings: type[msgspec.Struct], name: str) -> int:
+    return int(next(f.default for f in msgspec.structs.fields(settings) if f.name == name))
+
+
+#: The fleet server's default [broker] receive_maximum, the default of --receive-maximum (the
+#: servers' [broker] receive_maximum; the baseline asks for the same).
+DEFAULT_RECEIVE_MAXIMUM: Final = _default(BrokerSettings, "receive_maximum")
+#: The production default of [influx] batch_points, which the servers here run with: the most
+#: points the server puts in one write, whatever the Receive Maximum.
+BATCH_POINTS: Final = _default(InfluxSettings, "batch_points")
 SITES: Final = (
     ("zhujing-dqzx", "朱泾镇党群服务中心", "朱泾镇", "金山区"),
     ("fengjing-dqzx", "枫泾镇党群服务中心", "枫泾镇", "金山区"),
@@ -289,14 +304,17 @@ class BaselineRun:
         return self.received / self.drain_s if self.drain_s > 0 else 0.0
 
 
-def baseline_run(info: StackInfo, work: Workload, run: int, timeout_s: float) -> BaselineRun:
-    """Subscribe a persistent session, leave, queue the messages for it, drain them."""
+def baseline_run(
+    info: StackInfo, work: Workload, run: int, receive_maximum: int, timeout_s: float
+) -> BaselineRun:
+    """Subscribe a persistent session, leave, queue the messages for it, drain them, with
+    ``receive_maximum`` as the connection's Receive Maximum."""
     group = f"base{run}"
     sub = [
         MOSQUITTO_SUB,
         *client_tls_args(info),
         *("-i", f"bench-base-{run}", "-c", "-x", "600", "-q", "1"),
-        *("-D", "connect", "receive-maximum", str(RECEIVE_MAXIMUM)),
+        *("-D", "connect", "receive-maximum", str(receive_maximum)),
         *("-t", f"$share/{group}/kiosk/v1/+/telemetry"),
     ]
     subprocess.run([*sub, "-E"], capture_output=True, timeout=timeout_s, check=True)
@@ -384,18 +402,28 @@ class Server:
     def up_or_exited(self) -> bool:
         return self.healthy() or not self.running()
 
-    def ingest(self) -> tuple[int, int]:
-        """Telemetry messages received and points written so far."""
+    def ingest(self) -> tuple[int, int, int]:
+        """Telemetry messages received, points written and InfluxDB writes so far."""
         stats = self.get("/api/v1/ingest")
         assert isinstance(stats, dict)
-        return int(stats["received"].get("telemetry", 0)), int(stats["points_written"])
+        return (
+            int(stats["received"].get("telemetry", 0)),
+            int(stats["points_written"]),
+            int(stats["batches_written"]),
+        )
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
 def write_config(
-    info: StackInfo, workdir: Path, *, client_id: str, group: str, database: str
+    info: StackInfo,
+    workdir: Path,
+    *,
+    client_id: str,
+    group: str,
+    database: str,
+    receive_maximum: int,
 ) -> Server:
     api_port = free_port()
     (workdir / client_id).mkdir(exist_ok=True)
@@ -414,7 +442,7 @@ def write_config(
             broker={
                 "share_group": group,
                 "session_expiry_s": 600,
-                "receive_maximum": RECEIVE_MAXIMUM,
+                "receive_maximum": receive_maximum,
             },
             extra=sites,
         ),
@@ -475,6 +503,7 @@ class Drain:
     processes: int
     received: int = 0
     written: int = 0
+    batches: int = 0  # InfluxDB writes
     startup_s: float | None = None  # process start to the first delivery
     drain_s: float | None = None  # first delivery to the last point written
     in_influx: Counter[str] = field(default_factory=Counter)
@@ -514,10 +543,11 @@ def drain(
                 try:
                     counts.append(server.ingest())
                 except OSError:  # its API is not up yet
-                    counts.append((0, 0))
+                    counts.append((0, 0, 0))
             now = time.perf_counter()
             result.received = sum(c[0] for c in counts)
             result.written = sum(c[1] for c in counts)
+            result.batches = sum(c[2] for c in counts)
             if first is None and result.received:
                 first = now
                 result.startup_s = first - launched
@@ -556,13 +586,24 @@ def count_points(info: StackInfo, database: str) -> Counter[str]:
 
 
 def run_servers(
-    info: StackInfo, workdir: Path, work: Workload, processes: int, timeout_s: float
+    info: StackInfo,
+    workdir: Path,
+    work: Workload,
+    processes: int,
+    timeout_s: float,
+    *,
+    receive_maximum: int,
 ) -> Drain:
     database = f"bench_k{processes}"
     group = f"bench-k{processes}"
     servers = [
         write_config(
-            info, workdir, client_id=f"bench-k{processes}-{i}", group=group, database=database
+            info,
+            workdir,
+            client_id=f"bench-k{processes}-{i}",
+            group=group,
+            database=database,
+            receive_maximum=receive_maximum,
         )
         for i in range(1, processes + 1)
     ]
@@ -584,12 +625,15 @@ class Alone:
     influxd_cpu_us: float  # influxd CPU time per message
 
 
-def influx_alone(info: StackInfo, work: Workload, writers: int, timeout_s: float) -> Alone:
+def influx_alone(
+    info: StackInfo, work: Workload, writers: int, batch: int, timeout_s: float
+) -> Alone:
     """Write the workload's lines, made as the server makes them (placement tags, the
     server's own line writer), straight to a new database: ``writers`` threads with a
-    keep-alive connection each, a write per half Receive Maximum of messages (about the
-    server's batch while draining). Messages/s and influxd's CPU per message; no number of
-    server processes can store faster than this on the same machine."""
+    keep-alive connection each, a write per ``batch`` messages (the bench uses half the
+    Receive Maximum: about the server's batch while draining). Messages/s and influxd's CPU
+    per message; no number of server processes can store faster than this on the same
+    machine."""
     database = f"bench_direct_{writers}"
     _influx_query(info, f'CREATE DATABASE "{database}"')
     bodies: list[bytes] = []
@@ -601,7 +645,6 @@ def influx_alone(info: StackInfo, work: Workload, writers: int, timeout_s: float
             for sample in decode(Telemetry, payload).samples:
                 writer.lines(sample, False, lines)
             bodies.append("\n".join(lines).encode())
-    batch = RECEIVE_MAXIMUM // 2
     batches = [b"\n".join(bodies[i : i + batch]) for i in range(0, len(bodies), batch)]
     url = urllib.parse.urlsplit(info.influx_url)
 
@@ -668,6 +711,11 @@ def report_drain(result: Drain, work: Workload, baseline: float, alone: float) -
         f"{msgs / alone:.3f}   CPU during the drain: {cpu}"
     )
     print(f"{'':13s} fleet-server CPU time per message: {server_us:.0f} us (all processes)")
+    if result.batches:
+        print(
+            f"{'':13s} {result.batches} InfluxDB writes, {result.written / result.batches:.0f} "
+            f"points ({work.messages / result.batches:.0f} messages) a write on average"
+        )
     influx = sum(result.in_influx.values())
     print(
         f"{'':13s} received {result.received}/{work.messages} messages, InfluxDB holds "
@@ -721,7 +769,7 @@ def bench(args: argparse.Namespace) -> int:
             publish_births(info, names)
             runs = []
             for run in range(1, args.baseline_runs + 1):
-                runs.append(baseline_run(info, work, run, args.timeout))
+                runs.append(baseline_run(info, work, run, args.receive_maximum, args.timeout))
                 r = runs[-1]
                 print(
                     f"baseline #{run}   mosquitto_sub drained {r.received}/{work.messages} in "
@@ -735,13 +783,17 @@ def bench(args: argparse.Namespace) -> int:
             baseline = statistics.median(r.rate for r in runs)
             print(
                 f"baseline      {baseline:8.0f} messages/s (median of {len(runs)}), QoS 1, "
-                f"Receive Maximum {RECEIVE_MAXIMUM}, mutual TLS on the service listener",
+                f"Receive Maximum {args.receive_maximum}, mutual TLS on the service listener",
                 flush=True,
             )
             alone = 0.0
             influxd_us: list[float] = []
+            # Half the window, as the server's batches while draining, but no more points than
+            # the server writes at once (batch_points; InfluxDB also refuses huge bodies).
+            per_message = work.total_points // work.messages
+            batch = max(1, min(args.receive_maximum // 2, BATCH_POINTS // per_message))
             for writers in PROCESS_COUNTS[: args.max_processes]:
-                measured = influx_alone(info, work, writers, args.timeout)
+                measured = influx_alone(info, work, writers, batch, args.timeout)
                 rate = measured.rate
                 alone = max(alone, rate)
                 influxd_us.append(measured.influxd_cpu_us)
@@ -749,7 +801,7 @@ def bench(args: argparse.Namespace) -> int:
                     f"InfluxDB alone {rate:7.0f} messages/s "
                     f"{rate * work.total_points / work.messages:9.0f} points/s  the same lines "
                     f"straight from {writers} writer{'s' if writers > 1 else ''}, "
-                    f"{RECEIVE_MAXIMUM // 2} messages a write: ratio to baseline "
+                    f"{batch} messages a write: ratio to baseline "
                     f"{rate / baseline:.3f}; influxd CPU {measured.influxd_cpu_us:.0f} us a "
                     "message",
                     flush=True,
@@ -763,7 +815,9 @@ def bench(args: argparse.Namespace) -> int:
             one_process: Drain | None = None
             failed = False
             for k in PROCESS_COUNTS[: args.max_processes]:
-                result = run_servers(info, workdir, work, k, args.timeout)
+                result = run_servers(
+                    info, workdir, work, k, args.timeout, receive_maximum=args.receive_maximum
+                )
                 rates[k] = report_drain(result, work, baseline, alone)
                 failed |= result.drain_s is None or result.in_influx != work.points
                 one_process = one_process or result
@@ -789,6 +843,13 @@ def main() -> int:
     )
     parser.add_argument("--baseline-runs", type=int, default=3, help="default 3")
     parser.add_argument(
+        "--receive-maximum",
+        type=int,
+        default=DEFAULT_RECEIVE_MAXIMUM,
+        help="MQTT 5 Receive Maximum of the server processes ([broker] receive_maximum) and "
+        f"of the baseline's mosquitto_sub, 1 .. 65535 (default {DEFAULT_RECEIVE_MAXIMUM})",
+    )
+    parser.add_argument(
         "--max-processes",
         type=int,
         default=len(PROCESS_COUNTS),
@@ -798,6 +859,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.messages < args.terminals or args.terminals < 1 or args.baseline_runs < 1:
         parser.error("need --terminals >= 1, --messages >= --terminals, --baseline-runs >= 1")
+    if not 1 <= args.receive_maximum <= 65535:
+        parser.error("--receive-maximum must be in 1 .. 65535")
     for binary in (MOSQUITTO_PUB, MOSQUITTO_SUB):
         if shutil.which(binary) is None:
             print(

@@ -15,8 +15,9 @@ The limits are deliberate, and each is explained again in a comment in the gener
     subscribers ever queue much, the terminals' own queues hold a few commands.
 ``max_inflight_messages`` 100
     The default of 20 unacknowledged QoS 1 messages per client throttles the ingest path to one
-    window of 20 per round trip; 100 keeps it busy. MQTT 5 clients may lower it further with
-    their Receive Maximum.
+    window of 20 per round trip; 100 keeps it busy. An MQTT 5 client's Receive Maximum replaces
+    it for that client, higher or lower (Mosquitto's ``property__process_connect``): the fleet
+    server asks for its ``[broker] receive_maximum``, 1000 by default.
 ``queue_qos0_messages false``
     QoS 0 is not queued for disconnected persistent sessions: nothing in the contract uses QoS 0
     for data that must survive a disconnect, and such messages would only eat the byte budget.
