@@ -99,13 +99,17 @@ class Publisher:
             if self.terminal == TERMINALS[0]:
                 future = sample(FUTURE_SEQ, now_ms() + 2 * 3_600_000)
                 await client.publish(topic, encode(Telemetry(samples=[future])), qos=1)
+            loop = asyncio.get_running_loop()
+            due = loop.time()
             while not stop.is_set():
                 samples = self.batch()
                 # QoS 1: publish returns once the broker acknowledged the message.
                 await client.publish(topic, encode(Telemetry(samples=samples)), qos=1)
                 self.sent.extend((s.ts, s.seq) for s in samples)
+                # On a fixed schedule: a slow acknowledgement does not lower the rate.
+                due = max(due + 1 / RATE_HZ, loop.time() - 1 / RATE_HZ)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1 / RATE_HZ)
+                    await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
 
 
 def stored(info: stack.StackInfo, terminal: str) -> list[tuple[int, int]]:
