@@ -1,7 +1,7 @@
 """How many terminals one `fleet-server` process holds with telemetry every 10 s.
 
 A local stack (Mosquitto, InfluxDB, SMTP sink) runs in a temporary directory, with one
-fleet server (default settings: 5000-point batches or 1 s, receive maximum 200, alert tick
+fleet server (default settings: 5000-point batches or 1 s, receive maximum 1000, alert tick
 1 s) and sites imported with ``fleetctl sites import``. The fleet is ramped in steps
 (``--sizes``, default 5,000 / 10,000 / 20,000, the goal being 20,000): each step starts more
 kiosk processes (at most ``--per-sim`` kiosks each, what the step adds split evenly over
@@ -40,7 +40,7 @@ Each step:
      grows from the window's first third to its last;
    - InfluxDB writes a second and their size (``fleet_influx_batches_written_total``): the
      server acknowledges a delivery only once its batch is written, and the broker sends at
-     most Receive Maximum (200) unacknowledged, so ingest can also be bound by the time a
+     most Receive Maximum (1000) unacknowledged, so ingest can also be bound by the time a
      write takes, not by CPU;
    - the spool (points waiting because InfluxDB was slow), write retries and slow writes,
      and the clients Mosquitto dropped for keep-alive expiry (its log);
@@ -87,12 +87,14 @@ from pathlib import Path
 
 import aiohttp
 import aiomqtt
+import msgspec
 import psutil
 
 from fleet_protocol.codec import encode
 from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import SystemSample, Telemetry
 from fleet_protocol.topics import Channel, topic
+from fleet_server.config import BrokerSettings
 from provisioning.authority import FleetAuthority
 from provisioning.stack import (
     Service,
@@ -118,7 +120,9 @@ PROBE_EVERY_S = 1.0
 LAG_POLL_S = 0.25
 KEPT_UP_RATIO = 0.97
 #: The server's default [broker] receive_maximum (fleet_server.config), which this bench keeps.
-RECEIVE_MAXIMUM = 200
+RECEIVE_MAXIMUM = next(
+    int(f.default) for f in msgspec.structs.fields(BrokerSettings) if f.name == "receive_maximum"
+)
 BUSY = 90.0  # % of a core (or of all cores, for the machine) counted as saturated
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
 
