@@ -3,10 +3,10 @@
 A local stack (Mosquitto, InfluxDB, SMTP sink) runs in a temporary directory, with one
 fleet server (default settings: 5000-point batches or 1 s, receive maximum 1000, alert tick
 1 s) and sites imported with ``fleetctl sites import``. The fleet is ramped in steps
-(``--sizes``, default 5,000 / 10,000 / 20,000, the goal being 20,000): each step starts more
-kiosk processes (at most ``--per-sim`` kiosks each, what the step adds split evenly over
-them; the earlier ones keep running), each kiosk sampling every ``--interval`` s and sending
-that interval's three samples (system, network, power) at once in one message
+(``--sizes``, default 5,000 / 10,000 / 15,000 / 20,000, the goal being 20,000): each step
+starts more kiosk processes (at most ``--per-sim`` kiosks each, what the step adds split
+evenly over them; the earlier ones keep running), each kiosk sampling every ``--interval`` s
+and sending that interval's three samples (system, network, power) at once in one message
 (``--batch-size 3``), so the server should take ``terminals / interval`` telemetry messages
 a second.
 
@@ -64,7 +64,7 @@ that should give way. Provisioning the certificates (one per kiosk, from the sta
 
 Only the processes started here are stopped, by PID; every phase is bounded in time.
 
-    .venv/bin/python bench/bench_fleet_size.py [--sizes 5000 10000 20000] [--steady 60] \\
+    .venv/bin/python bench/bench_fleet_size.py [--sizes 5000 10000 15000 20000] [--steady 60] \\
         [--sim light|agent] [--per-sim 2000] [--connect-rate 200]
 """
 
@@ -866,7 +866,7 @@ async def import_sites_when_up(fleet: Fleet) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[5000, 10_000, GOAL], help="fleet sizes"
+        "--sizes", type=int, nargs="+", default=[5000, 10_000, 15_000, GOAL], help="fleet sizes"
     )
     parser.add_argument(
         "--sim",
