@@ -32,7 +32,7 @@ import aiomqtt
 import psutil
 
 from provisioning.authority import FleetAuthority
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, run_stoppable, running_stack
 
 TERMINAL = "bench-footprint-01"
 SITE = "bench-site"
@@ -195,4 +195,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable(main))

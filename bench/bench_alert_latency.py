@@ -69,7 +69,7 @@ from typing import Any
 import aiohttp
 
 from provisioning.authority import FleetAuthority
-from provisioning.stack import StackInfo, import_sites, running_stack, server_config
+from provisioning.stack import StackInfo, import_sites, run_stoppable, running_stack, server_config
 
 BIN = Path(sys.executable).parent
 MODES = ("half-open", "power-cut")
@@ -533,4 +533,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable(main))

@@ -104,6 +104,7 @@ from provisioning.stack import (
     Service,
     StackInfo,
     import_sites,
+    run_stoppable,
     running_stack,
     server_config,
 )
@@ -900,4 +901,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable(main))

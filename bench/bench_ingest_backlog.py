@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_server.config import BrokerSettings
 from fleet_server.mqtt_ingest import Delivery, MqttIngest
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, run_stoppable, running_stack
 
 TOPIC = "kiosk/v1/bench-0001/telemetry"
 PER_MESSAGE_S = 0.0002  # simulated slow store
@@ -179,4 +179,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable(main))

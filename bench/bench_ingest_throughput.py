@@ -108,7 +108,7 @@ from fleet_protocol.messages import Sample, State, Telemetry
 from fleet_protocol.topics import Channel, topic
 from fleet_server.config import BrokerSettings, InfluxSettings
 from fleet_server.telemetry_lines import TerminalLines, sample_points
-from provisioning.stack import StackInfo, running_stack, server_config
+from provisioning.stack import StackInfo, run_stoppable, running_stack, server_config
 
 BIN = Path(sys.executable).parent
 MOSQUITTO_PUB: Final = "/usr/bin/mosquitto_pub"
@@ -872,4 +872,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable(main))

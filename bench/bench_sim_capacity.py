@@ -45,7 +45,7 @@ import aiomqtt
 import psutil
 
 from provisioning.authority import FleetAuthority, write_private
-from provisioning.stack import StackInfo, running_stack
+from provisioning.stack import StackInfo, run_stoppable, running_stack
 
 BIN = Path(sys.executable).parent
 PREFIX = "cap"
@@ -431,4 +431,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stoppable(main))

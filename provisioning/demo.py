@@ -8,17 +8,15 @@ stops everything it started on Ctrl-C (or after ``--for`` seconds).
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Final, TextIO
 
 import msgspec
@@ -337,20 +335,6 @@ class _Children:
             print("\n".join(stopped), file=out, flush=True)
 
 
-@contextlib.contextmanager
-def _interruptible() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so both stop the demo the same way."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 #: Our own loopback server: never through a proxy named in the environment.
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -436,7 +420,7 @@ def run(workdir: Path, sim_terminals: int, duration: float | None, out: TextIO) 
         # Each step with the seconds since the start: a slow or stuck start-up says where.
         print(f"[{time.monotonic() - started:5.1f} s] {text}", file=out, flush=True)
 
-    with _interruptible():
+    with stack.sigterm_as_interrupt():
         try:
             step(f"starting the local stack in {workdir / 'stack'} ...")
             stack_dir = workdir / "stack"

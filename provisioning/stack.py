@@ -23,7 +23,9 @@ The API is synchronous: the ``fleetctl stack`` commands and pytest fixtures call
   recycled pid of another process is never touched;
 - :func:`status` reports each service;
 - :func:`reload` makes the broker reread its CRL and ACL (SIGHUP), after a revocation;
-- :func:`running_stack` is ``up``/``down`` as a context manager, for tests.
+- :func:`running_stack` is ``up``/``down`` as a context manager, for tests and benches;
+- :func:`sigterm_as_interrupt` makes SIGTERM stop such a process as Ctrl-C does, and
+  :func:`run_stoppable` is a script's entry point with it.
 
 Data survives ``down``; ``up`` reuses the data dirs and, when they are free, the ports it used
 before, so clients configured against the stack keep working.
@@ -48,6 +50,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Final
 
 import msgspec
@@ -462,6 +465,41 @@ def status(workdir: Path) -> StackStatus:
         for service in Service
     )
     return StackStatus(workdir=layout.workdir, info=info, services=services)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, the first SIGTERM raises KeyboardInterrupt, as Ctrl-C does, and later ones are
+    ignored: a process that started servers (a demo, a bench) stops them the same way on
+    either, through its ``with`` and ``finally`` blocks, and a second SIGTERM does not cut
+    that short. Without it, SIGTERM ends Python at once and its children keep running."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: Exit status of a process stopped by SIGTERM or Ctrl-C through `run_stoppable` (128 + SIGINT,
+#: as a shell reports Ctrl-C).
+STOPPED: Final = 130
+
+
+def run_stoppable(main: Callable[[], int | None]) -> int:
+    """The entry point of a script that starts servers (the benches): ``main()``'s exit
+    status, or `STOPPED` after SIGTERM or Ctrl-C, once ``main``'s ``with`` and ``finally``
+    blocks have stopped what it started, with one line instead of a traceback."""
+    with sigterm_as_interrupt():
+        try:
+            return main() or 0
+        except KeyboardInterrupt:
+            print(f"{Path(sys.argv[0]).name}: stopped", file=sys.stderr, flush=True)
+            return STOPPED
 
 
 @contextlib.contextmanager
