@@ -150,8 +150,15 @@ def _measure(kind: str, info: StackInfo, count: int, size: int) -> tuple[int, in
     out: multiprocessing.Queue[tuple[int, int, float]] = ctx.Queue()
     proc = ctx.Process(target=_consume, args=(kind, info, count, client_id, out))
     proc.start()
-    result = out.get(timeout=TIME_LIMIT_S + 30)
-    proc.join(30)
+    try:
+        result = out.get(timeout=TIME_LIMIT_S + 30)
+        proc.join(30)
+    finally:
+        if proc.is_alive():
+            # Stopped meanwhile (Ctrl-C, SIGTERM) or stuck: the consumer would otherwise run
+            # on, reconnecting to a stopped broker, and exit waits for it (up to its limit).
+            proc.terminate()
+            proc.join(30)
     return result
 
 
@@ -163,7 +170,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp) / "stack") as info:
         print(
             f"backlog: {args.messages} messages x {args.size} B "
-            f"= {args.messages * args.size / 2**20:.1f} MiB in Mosquitto"
+            f"= {args.messages * args.size / 2**20:.1f} MiB in Mosquitto",
+            flush=True,
         )
         results = {
             kind: _measure(kind, info, args.messages, args.size) for kind in ("baseline", "ingest")
