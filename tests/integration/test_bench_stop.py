@@ -40,13 +40,13 @@ def _names(procs: list[psutil.Process]) -> set[str]:
     return out
 
 
-def _consumer_running(bench: psutil.Process, log: Path) -> bool:
+def _consumer_running(bench: psutil.Process) -> bool:
     # The backlog is in the broker and a consumer process (multiprocessing) works through it,
     # while the bench waits for its result.
     return any("multiprocessing" in line for line in _names(bench.children()))
 
 
-def _fleet_running(bench: psutil.Process, log: Path) -> bool:
+def _fleet_running(bench: psutil.Process) -> bool:
     # Its server and first light_fleet process are up (the stack started before them).
     lines = _names(bench.children(recursive=True))
     return any("light_fleet.py" in line for line in lines) and any(
@@ -54,7 +54,7 @@ def _fleet_running(bench: psutil.Process, log: Path) -> bool:
     )
 
 
-CASES: dict[str, tuple[list[str], Callable[[psutil.Process, Path], bool], set[str]]] = {
+CASES: dict[str, tuple[list[str], Callable[[psutil.Process], bool], set[str]]] = {
     "plain code": (
         ["bench_ingest_backlog.py", "--messages", "20000"],
         _consumer_running,
@@ -80,7 +80,7 @@ def test_a_bench_stopped_with_sigterm_leaves_nothing_running(case: str, tmp_path
     children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + START_S
-        while not started(bench, log):
+        while not started(bench):
             assert popen.poll() is None, log.read_text(encoding="utf-8", errors="replace")
             assert time.monotonic() < deadline, f"not started in {START_S:.0f} s"
             time.sleep(0.2)
