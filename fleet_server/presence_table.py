@@ -35,8 +35,9 @@ treated as standing still, so transitions are always in order.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field, replace
-from typing import Final, Literal
+from typing import Final, Literal, Self
 
 from fleet_protocol.messages import State
 from fleet_server.presence import Presence, apply_state
@@ -135,6 +136,29 @@ def observe(
     return "offline", state.reason or "lost"
 
 
+def due_ms(record: TerminalPresence, settings: PresenceSettings) -> int | None:
+    """When the clock alone would next change ``record``'s status, as last settled; None: never.
+
+    Silence takes an ``online`` terminal stale, and a stale one offline; a planned absence runs
+    past its deadline; flapping ends after a quiet period. Between inputs, nothing else moves.
+    """
+    state = record.state
+    due: int | None = None
+    if state is not None:
+        heard = record.heard_ms if record.heard_ms is not None else state.since_ms
+        if record.observed == "online" and state.online:
+            due = heard + settings.stale_after_ms
+        elif record.observed == "stale" and state.online:
+            due = heard + settings.heartbeat_timeout_ms
+        elif record.observed == "planned" and not state.online:
+            back = state.expected_back_ms if state.expected_back_ms is not None else state.since_ms
+            due = back + settings.planned_margin_ms
+    if record.status == "flapping":
+        quiet = record.observed_since_ms + settings.flap_quiet_ms
+        due = quiet if due is None else min(due, quiet)
+    return due
+
+
 def _by_silence(silent_ms: int, settings: PresenceSettings) -> tuple[PresenceStatus, str | None]:
     if silent_ms >= settings.heartbeat_timeout_ms:
         return "offline", "heartbeat"
@@ -150,6 +174,12 @@ class PresenceTable:
         self.settings = settings or PresenceSettings()
         self._records: dict[str, TerminalPresence] = {}
         self._now_ms = 0
+        # A heap of (due, terminal): when the clock alone may next change each terminal (see
+        # `due_ms`), so that a tick settles those and not the whole fleet. One live entry per
+        # terminal, the one `_timer_at` names; an entry may be early (telemetry moved the
+        # deadline on: it is then settled, to no effect, and timed again), never late.
+        self._timers: list[tuple[int, str]] = []
+        self._timer_at: dict[str, int] = {}
 
     # --- inputs ----------------------------------------------------------------------------
 
@@ -174,10 +204,20 @@ class PresenceTable:
         return self._settle(terminal, replace(record, heard_ms=now), now, cause="telemetry")
 
     def tick(self, now_ms: int) -> list[Transition]:
-        """Let time pass: stale, heartbeat backstop, planned deadlines, end of flapping."""
+        """Let time pass: stale, heartbeat backstop, planned deadlines, end of flapping.
+
+        Settles only the terminals whose deadline has come (in terminal order), so a tick
+        costs what is due, not the size of the fleet."""
         now = self._clock(now_ms)
+        timers, timer_at = self._timers, self._timer_at
+        due: list[str] = []
+        while timers and timers[0][0] <= now:
+            at, terminal = heapq.heappop(timers)
+            if timer_at.get(terminal) == at:  # else superseded by an earlier entry
+                del timer_at[terminal]
+                due.append(terminal)
         out: list[Transition] = []
-        for terminal in sorted(self._records):
+        for terminal in sorted(due):
             out += self._settle(terminal, self._records[terminal], now, cause="telemetry")
         return out
 
@@ -199,7 +239,7 @@ class PresenceTable:
         snapshot: PresenceSnapshot,
         now_ms: int,
         settings: PresenceSettings | None = None,
-    ) -> PresenceTable:
+    ) -> Self:
         """The table as it was, resumed at ``now_ms`` with no transition of its own.
 
         The server heard nothing while it was down, which says nothing about the terminals:
@@ -214,6 +254,7 @@ class PresenceTable:
             if record.heard_ms is not None and record.state is not None and record.state.online:
                 record = replace(record, heard_ms=record.heard_ms + downtime)
             table._records[terminal] = record
+            table._time(terminal, record)
         table._now_ms = max(snapshot.taken_at_ms, now_ms)
         return table
 
@@ -260,4 +301,16 @@ class PresenceTable:
             # e.g. a will confirming a heartbeat offline: same status, better reason.
             record = replace(record, reason=new_reason)
         self._records[terminal] = record
+        self._time(terminal, record)
         return out
+
+    def _time(self, terminal: str, record: TerminalPresence) -> None:
+        """Make sure a tick settles ``terminal`` by its next deadline (see `due_ms`)."""
+        due = due_ms(record, self.settings)
+        if due is None:
+            return
+        current = self._timer_at.get(terminal)
+        if current is not None and current <= due:
+            return  # an earlier entry will settle it, and time it again then
+        self._timer_at[terminal] = due
+        heapq.heappush(self._timers, (due, terminal))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleet_protocol.messages import State
 from fleet_server.presence_table import (
@@ -202,3 +206,107 @@ def test_settings_are_checked() -> None:
         PresenceSettings(stale_after_ms=10 * MINUTE, heartbeat_timeout_ms=5 * MINUTE)
     with pytest.raises(ValueError, match="flapping"):
         PresenceSettings(flap_threshold=1)
+
+
+# --- a tick settles what is due, with the same outcome as settling every terminal -----------
+
+
+class EveryTerminalTable(PresenceTable):
+    """The reference: a tick settles every terminal, however quiet (what `tick` did before
+    it kept deadlines)."""
+
+    def tick(self, now_ms: int) -> list[Transition]:
+        now = self._clock(now_ms)
+        out: list[Transition] = []
+        for terminal in sorted(self._records):
+            out += self._settle(terminal, self._records[terminal], now, cause="telemetry")
+        return out
+
+
+TERMINALS = ("kiosk-001", "kiosk-002", "kiosk-003")
+#: Short timings, so that random steps cross every deadline often.
+FAST = PresenceSettings(
+    stale_after_ms=30 * SECOND,
+    heartbeat_timeout_ms=50 * SECOND,
+    planned_margin_ms=20 * SECOND,
+    flap_window_ms=60 * SECOND,
+    flap_threshold=3,
+    flap_quiet_ms=40 * SECOND,
+)
+
+#: A state message, made at the time it is sent: a planned one names when it expects to be back.
+_state = st.one_of(
+    st.builds(lambda session: lambda _now: birth(session), st.integers(1, 4)),
+    st.builds(lambda session: lambda _now: will(session), st.integers(1, 4)),
+    st.builds(
+        lambda session: lambda _now: State(online=False, session=session, ts=1, reason="shutdown"),
+        st.integers(1, 4),
+    ),
+    st.builds(
+        lambda session, back_s: lambda now: planned(session, now + back_s * SECOND),
+        st.integers(1, 4),
+        st.integers(0, 60),
+    ),
+)
+_step = st.tuples(
+    # Time that passes first, in whole seconds like every timing above: ticks land right on
+    # deadlines as often as just before or after them.
+    st.integers(0, 25).map(lambda s: s * SECOND),
+    st.sampled_from(("tick", "tick", "telemetry", "state")),
+    st.sampled_from(TERMINALS),
+    _state,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_step, max_size=80), st.booleans())
+def test_a_tick_that_settles_only_what_is_due_decides_as_one_that_settles_everything(
+    steps: list[tuple[int, str, str, Callable[[int], State]]], restart: bool
+) -> None:
+    table, reference = PresenceTable(FAST), EveryTerminalTable(FAST)
+    now = START
+    for index, (wait, kind, terminal, make_state) in enumerate(steps):
+        now += wait
+        if restart and index == len(steps) // 2:
+            saved = table.snapshot()
+            table = PresenceTable.restore(saved, now + MINUTE, FAST)
+            reference = EveryTerminalTable.restore(saved, now + MINUTE, FAST)
+            now += MINUTE
+        if kind == "tick":
+            assert table.tick(now) == reference.tick(now)
+        elif kind == "telemetry":
+            assert table.on_telemetry(terminal, now) == reference.on_telemetry(terminal, now)
+        else:
+            state = make_state(now)
+            assert table.on_state(terminal, state, now) == reference.on_state(terminal, state, now)
+    # A last tick after every deadline could have passed leaves both tables agreeing.
+    now += 10 * MINUTE
+    assert table.tick(now) == reference.tick(now)
+    for terminal in TERMINALS:
+        mine, theirs = table.get(terminal), reference.get(terminal)
+        assert (mine is None) == (theirs is None)
+        if mine is not None and theirs is not None:
+            assert (mine.status, mine.reason, mine.since_ms) == (
+                theirs.status,
+                theirs.reason,
+                theirs.since_ms,
+            )
+
+
+def test_a_tick_of_a_quiet_fleet_settles_no_one() -> None:
+    table = PresenceTable()
+    for n in range(1000):
+        table.on_state(f"kiosk-{n:04d}", birth(1), START)
+    settled: list[str] = []
+    original = table._settle
+
+    def counting(terminal: str, *args: object, **kwargs: object) -> list[Transition]:
+        settled.append(terminal)
+        return original(terminal, *args, **kwargs)  # type: ignore[arg-type]
+
+    table._settle = counting  # type: ignore[method-assign]
+    assert table.tick(START + MINUTE) == []
+    assert settled == []
+    # At the stale deadline every one of them is due, and goes stale.
+    assert len(table.tick(START + 3 * MINUTE)) == 1000
+    assert len(settled) == 1000
