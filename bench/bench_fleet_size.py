@@ -58,11 +58,17 @@ Each step:
    up ends the ramp; the largest step held is printed, with what was saturated. A step that
    does not connect in time reports the processes' CPU over its last half minute.
 
-Limits: the bench raises its soft open-file limit to the hard one (children inherit it). One
-Mosquitto process holds every connection, so a step needs ``terminals`` + a margin of
-descriptors in Mosquitto (5 % of the limit: connections being replaced hold one too): a step
-above the hard limit cannot run on this machine as it is, and is run at the largest size that
-fits instead (printed as such). The kiosk processes run at nice 10, below the broker, the
+Limits: the bench raises its soft open-file limit to the hard one (children inherit it). A
+Mosquitto process needs a descriptor per kiosk plus a margin (5 % of the limit: connections
+being replaced hold one too), so where the hard limit is below the largest step (here 20,000:
+19,000 kiosks fit in one broker) the kiosks are spread over several Mosquitto processes
+(``--brokers``, by default as many as needed): the stack's own and edge brokers started here
+with the same configuration and PKI, each bridged to the stack's broker (MQTT 5, QoS 1,
+``kiosk/v1/#`` out, as the fleet server's identity, over its service listener), as a
+deployment past one broker's connections would run them. The one fleet server still reads
+everything from the stack's broker: births, last wills and telemetry of the edge kiosks come
+to it through the bridges. A step over what the brokers can hold is run at the largest size
+that fits instead (printed as such). The kiosk processes run at nice 10, below the broker, the
 server and InfluxDB: they are the load, and on a machine too small for both it is the load
 that should give way. Provisioning the certificates (one per kiosk, from the stack's fleet CA,
 8 threads) is timed.
@@ -70,7 +76,7 @@ that should give way. Provisioning the certificates (one per kiosk, from the sta
 Only the processes started here are stopped, by PID; every phase is bounded in time.
 
     .venv/bin/python bench/bench_fleet_size.py [--sizes 5000 10000 15000 20000] [--steady 60] \\
-        [--catch-up 600] [--sim light|agent] [--per-sim 2000] [--connect-rate 200]
+        [--catch-up 600] [--sim light|agent] [--per-sim 2000] [--connect-rate 200] [--brokers 0]
 """
 
 from __future__ import annotations
@@ -104,7 +110,9 @@ from fleet_protocol.ids import TerminalId
 from fleet_protocol.messages import SystemSample, Telemetry
 from fleet_protocol.topics import Channel, topic
 from fleet_server.config import BrokerSettings
-from provisioning.authority import FleetAuthority
+from provisioning.authority import FleetAuthority, PkiLayout
+from provisioning.broker_config import BrokerSettings as MosquittoSettings
+from provisioning.broker_config import render_broker_config
 from provisioning.stack import (
     Service,
     StackInfo,
@@ -210,6 +218,17 @@ class Sim:
 
 
 @dataclass
+class Broker:
+    """A Mosquitto the kiosks connect to: the stack's, or an edge broker bridged to it."""
+
+    port: int
+    pid: int
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None  # None: the stack's, not started here
+    kiosks: int = 0
+
+
+@dataclass
 class Fleet:
     info: StackInfo
     workdir: Path
@@ -221,6 +240,8 @@ class Fleet:
     generator: str = GENERATORS["light"]
     server: subprocess.Popen[bytes] | None = None
     sims: list[Sim] = field(default_factory=list)
+    #: The stack's Mosquitto first, then the edge brokers (``--brokers``).
+    brokers: list[Broker] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -303,16 +324,77 @@ def start_server(fleet: Fleet, api_port: int) -> None:
         )
 
 
+def start_edge_broker(fleet: Fleet, index: int) -> Broker:
+    """Mosquitto number ``index`` for kiosks: the stack's own broker configuration (the same
+    CA, certificate, CRL and ACL: kiosks cannot tell it from the stack's) on ports of its own,
+    plus an MQTT 5 bridge that forwards everything kiosks publish (``kiosk/v1/#``, QoS 1,
+    retained flags and last wills included) to the stack's broker over its service listener,
+    as the fleet server's own identity. Nothing is bridged back (no bench kiosk reads its
+    ``desired`` or ``cmd`` topics). Started here; stopped at the end by its PID."""
+    info = fleet.info
+    pki = PkiLayout(info.pki_dir)
+    home = fleet.workdir / f"edge-{index}"
+    (home / "data").mkdir(parents=True)
+    port = free_port()
+    log = home / "mosquitto.log"
+    settings = MosquittoSettings(
+        port=port,
+        service_port=free_port(),
+        data_dir=home / "data",
+        log_file=log,
+        ca_file=pki.ca_cert,
+        service_ca_file=pki.service_ca_cert,
+        cert_file=pki.cert("broker"),
+        key_file=pki.key("broker"),
+        crl_file=pki.crl,
+        acl_file=pki.acl,
+        run_as_user=psutil.Process().username() if os.geteuid() == 0 else None,
+    )
+    client_id = f"{fleet.run}-edge-{index}"
+    bridge = [
+        "",
+        f"connection {client_id}",
+        f"address {info.mqtt_host}:{info.mqtt_service_port}",
+        "bridge_protocol_version mqttv50",
+        f"remote_clientid {client_id}",
+        "cleansession false",
+        "try_private true",
+        "notifications false",
+        f"bridge_cafile {pki.ca_cert}",
+        f"bridge_certfile {info.pki_dir / 'fleet-server.pem'}",
+        f"bridge_keyfile {info.pki_dir / 'fleet-server.key'}",
+        "bridge_tls_version tlsv1.2",
+        "topic kiosk/v1/# out 1",
+    ]
+    config = home / "mosquitto.conf"
+    config.write_text(render_broker_config(settings) + "\n".join(bridge) + "\n", encoding="utf-8")
+    binary = psutil.Process(info.mqtt_pid).exe()  # the stack's own Mosquitto
+    popen = subprocess.Popen(
+        [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    core_log = info.layout.log_file(Service.MQTT)
+    deadline = time.monotonic() + 30
+    while f" as {client_id} " not in core_log.read_text(encoding="utf-8", errors="replace"):
+        if popen.poll() is not None or time.monotonic() > deadline:
+            stop_all([popen])
+            tail = log.read_text(encoding="utf-8", errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"edge broker {index}: its bridge did not connect in 30 s\n{tail}")
+        time.sleep(0.2)
+    return Broker(port, popen.pid, log, popen)
+
+
 def start_sim(
     fleet: Fleet, prefix: str, count: int, args: argparse.Namespace, connect_rate: float
 ) -> None:
     """One kiosk process of ``count`` kiosks: light_fleet (connecting ``connect_rate`` a
-    second) or, with ``--sim agent``, fleet-sim."""
+    second) or, with ``--sim agent``, fleet-sim; on the broker with the fewest kiosks."""
     info = fleet.info
+    broker = min(fleet.brokers, key=lambda b: b.kiosks)
+    broker.kiosks += count
     site_args = [a for s in fleet.sites for a in ("--site", s)]
     common = [
         "--terminals", str(count), "--prefix", prefix, *site_args,
-        "--broker-host", info.mqtt_host, "--broker-port", str(info.mqtt_port),
+        "--broker-host", info.mqtt_host, "--broker-port", str(broker.port),
         "--tls-dir", str(fleet.workdir / "tls"), "--interval", str(args.interval),
     ]  # fmt: skip
     if args.sim == "light":
@@ -443,13 +525,15 @@ def cpu_pressure() -> float | None:
     return float(fields["avg60"]) if "avg60" in fields else None
 
 
-def keepalive_timeouts(info: StackInfo) -> int:
-    """Clients Mosquitto disconnected for keep-alive expiry so far (from its log)."""
-    try:
-        text = info.layout.log_file(Service.MQTT).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return 0
-    return text.count("has exceeded timeout")
+def keepalive_timeouts(fleet: Fleet) -> int:
+    """Clients the brokers disconnected for keep-alive expiry so far (from their logs)."""
+    count = 0
+    for broker in fleet.brokers:
+        with contextlib.suppress(OSError):
+            count += broker.log.read_text(encoding="utf-8", errors="replace").count(
+                "has exceeded timeout"
+            )
+    return count
 
 
 @dataclass
@@ -530,7 +614,7 @@ def groups(fleet: Fleet) -> dict[str, list[int]]:
     assert fleet.server is not None
     return {
         "fleet-server": [fleet.server.pid],
-        "mosquitto": [fleet.info.mqtt_pid],
+        "mosquitto": [b.pid for b in fleet.brokers],
         "influxd": [fleet.info.influx_pid],
         fleet.generator: [s.popen.pid for s in fleet.sims],
         "bench": [psutil.Process().pid],
@@ -541,7 +625,7 @@ async def connect(http: aiohttp.ClientSession, fleet: Fleet, step: Step, timeout
     """Until every kiosk is online; if they are not in time, what the processes used over the
     last half minute or so (to tell what was saturated)."""
     started = time.monotonic()
-    drops_before = keepalive_timeouts(fleet.info)
+    drops_before = keepalive_timeouts(fleet)
     older = newer = Snapshot.take(fleet)
     while time.monotonic() - started < timeout_s:
         for s in fleet.sims:
@@ -558,7 +642,7 @@ async def connect(http: aiohttp.ClientSession, fleet: Fleet, step: Step, timeout
     else:
         record_usage(step, older, Snapshot.take(fleet))
         step.fewest_online = now_online
-    step.keepalive_drops = keepalive_timeouts(fleet.info) - drops_before
+    step.keepalive_drops = keepalive_timeouts(fleet) - drops_before
 
 
 async def catch_up(probe: Probe, step: Step, limit_s: float) -> None:
@@ -579,7 +663,7 @@ async def hold(
     http: aiohttp.ClientSession, fleet: Fleet, step: Step, probe: Probe, args: argparse.Namespace
 ) -> None:
     before = Snapshot.take(fleet)
-    drops_before = keepalive_timeouts(fleet.info)
+    drops_before = keepalive_timeouts(fleet)
     m0 = await scrape(http, fleet.api)
     t0 = time.monotonic()
     lag_from = len(probe.lags)
@@ -590,7 +674,7 @@ async def hold(
     m1 = await scrape(http, fleet.api)
     window = time.monotonic() - t0
     record_usage(step, before, Snapshot.take(fleet))
-    step.keepalive_drops = keepalive_timeouts(fleet.info) - drops_before
+    step.keepalive_drops = keepalive_timeouts(fleet) - drops_before
 
     def delta(name: str) -> float:
         return m1.get(name, 0.0) - m0.get(name, 0.0)
@@ -740,9 +824,27 @@ def broker_fd_margin(hard: int) -> int:
     return max(100, math.ceil(hard * BROKER_FD_MARGIN_SHARE))
 
 
+def broker_capacity(hard: int) -> int:
+    """Kiosks one Mosquitto process holds under the hard open-file limit, with its margin."""
+    return (hard - broker_fd_margin(hard)) // 100 * 100
+
+
+def broker_count(args: argparse.Namespace, hard: int) -> int:
+    """``--brokers``, or (0) as many as the largest step needs under the open-file limit."""
+    if args.brokers:
+        return int(args.brokers)
+    largest: int = max(args.sizes)
+    return max(1, math.ceil(largest / broker_capacity(hard)))
+
+
 def plan(args: argparse.Namespace, hard: int) -> list[tuple[int, int]]:
-    """(size, asked) per step: a size Mosquitto cannot hold under the hard limit is capped."""
-    cap = (hard - broker_fd_margin(hard)) // 100 * 100
+    """(size, asked) per step: a size the brokers cannot hold under the hard limit is capped.
+    Kiosk processes go to the broker with the fewest kiosks, so with several brokers one may
+    hold up to ``--per-sim`` more than its share."""
+    brokers = broker_count(args, hard)
+    cap = broker_capacity(hard)
+    if brokers > 1:
+        cap = brokers * (cap - args.per_sim)
     out: list[tuple[int, int]] = []
     for asked in sorted(set(args.sizes)):
         size = min(asked, cap)
@@ -824,18 +926,26 @@ def bench(args: argparse.Namespace) -> int:
     soft, raised, hard = raise_open_files()
     steps = plan(args, hard)
     top = steps[-1][0]
+    brokers = broker_count(args, hard)
     generator = GENERATORS[args.sim]
+    per_broker = math.ceil(top / brokers)
     print(
-        f"open files    soft limit {soft} -> {raised} (hard {hard}); Mosquitto needs about "
-        f"{top + broker_fd_margin(hard)} at {top} terminals, each {generator} about "
-        f"{min(top, args.per_sim) + SIM_FD_MARGIN}"
+        f"open files    soft limit {soft} -> {raised} (hard {hard}); each Mosquitto needs about "
+        f"{per_broker + broker_fd_margin(hard)} at {per_broker} terminals, each {generator} "
+        f"about {min(top, args.per_sim) + SIM_FD_MARGIN}"
     )
+    if brokers > 1:
+        print(
+            f"brokers       {brokers}: the stack's Mosquitto and {brokers - 1} edge Mosquitto "
+            f"bridged to it (MQTT 5, QoS 1); one process holds at most "
+            f"{broker_capacity(hard)} kiosks under the hard open-file limit {hard}, which this "
+            f"process may not raise. The server connects to the stack's broker only"
+        )
     for size, asked in steps:
         if size != asked:
             print(
-                f"capped        {asked} -> {size}: one Mosquitto process would need "
-                f"{asked + broker_fd_margin(hard)} descriptors with its margin, over the hard "
-                f"limit {hard}, which this process may not raise"
+                f"capped        {asked} -> {size}: {brokers} Mosquitto process(es) would need "
+                f"more descriptors than the hard limit {hard} allows each (--brokers)"
             )
     kiosks = (
         f"light kiosks (bench/light_fleet.py), connecting {args.connect_rate:g}/s"
@@ -878,14 +988,20 @@ def bench(args: argparse.Namespace) -> int:
                 sites,
                 generator,
             )
+            fleet.brokers.append(
+                Broker(info.mqtt_port, info.mqtt_pid, info.layout.log_file(Service.MQTT))
+            )
             start_server(fleet, api_port)
             try:
+                for index in range(1, brokers):
+                    fleet.brokers.append(start_edge_broker(fleet, index))
                 asyncio.run(import_sites_when_up(fleet))
                 return asyncio.run(ramp(fleet, steps, args))
             finally:
                 stop_all([s.popen for s in fleet.sims])
                 if fleet.server is not None:
                     stop_all([fleet.server])
+                stop_all([b.popen for b in fleet.brokers if b.popen is not None])
 
 
 async def import_sites_when_up(fleet: Fleet) -> None:
@@ -925,6 +1041,13 @@ def main() -> int:
     parser.add_argument("--steady", type=float, default=60.0, help="steady window, s (60)")
     parser.add_argument("--sites", type=int, default=200, help="sites imported (200)")
     parser.add_argument(
+        "--brokers",
+        type=int,
+        default=0,
+        help="Mosquitto processes for the kiosks: the stack's and edge brokers bridged to it "
+        "(0, the default: as many as the largest step needs under the open-file limit)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=900.0, help="s for a step to be all online (900)"
     )
     args = parser.parse_args()
@@ -932,6 +1055,8 @@ def main() -> int:
         parser.error("sizes and --per-sim positive, --interval > 0, --steady >= 15")
     if args.connect_rate <= 0:
         parser.error("--connect-rate must be positive")
+    if args.brokers < 0:
+        parser.error("--brokers must be 0 (as needed) or more")
     if not 1 <= args.sites <= 999:
         parser.error("--sites from 1 to 999")
     return bench(args)

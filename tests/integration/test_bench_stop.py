@@ -5,7 +5,7 @@ SIGTERM would end the bench at once and leave all of them running.
 
 Two benches: one stopped in plain code (``bench_ingest_backlog``, waiting for the consumer
 process it started) and one inside its asyncio loop with a fleet server and light_fleet
-processes running (``bench_fleet_size``).
+processes running, and an edge Mosquitto it bridged to the stack's (``bench_fleet_size``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ CASES: dict[str, tuple[list[str], Callable[[psutil.Process], bool], set[str]]] =
         {"mosquitto", "influxd", "multiprocessing"},
     ),
     "asyncio loop": (
-        ["bench_fleet_size.py", "--sizes", "200", "--per-sim", "100", "--sites", "5"],
+        "bench_fleet_size.py --sizes 200 --per-sim 100 --sites 5 --brokers 2".split(),
         _fleet_running,
         {"mosquitto", "influxd", "fleet-server", "light_fleet.py"},
     ),
