@@ -61,7 +61,10 @@ CASES: dict[str, tuple[list[str], Callable[[psutil.Process], bool], set[str]]] =
         {"mosquitto", "influxd", "multiprocessing"},
     ),
     "asyncio loop": (
-        "bench_fleet_size.py --sizes 200 --per-sim 100 --sites 5 --brokers 2".split(),
+        [
+            "bench_fleet_size.py",
+            *("--sizes", "200", "--per-sim", "100", "--sites", "5", "--brokers", "2"),
+        ],
         _fleet_running,
         {"mosquitto", "influxd", "fleet-server", "light_fleet.py"},
     ),
