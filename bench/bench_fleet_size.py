@@ -97,7 +97,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -111,11 +111,11 @@ from fleet_protocol.messages import SystemSample, Telemetry
 from fleet_protocol.topics import Channel, topic
 from fleet_server.config import BrokerSettings
 from provisioning.authority import FleetAuthority, PkiLayout
-from provisioning.broker_config import BrokerSettings as MosquittoSettings
 from provisioning.broker_config import render_broker_config
 from provisioning.stack import (
     Service,
     StackInfo,
+    broker_settings,
     import_sites,
     run_stoppable,
     running_stack,
@@ -337,18 +337,8 @@ def start_edge_broker(fleet: Fleet, index: int) -> Broker:
     (home / "data").mkdir(parents=True)
     port = free_port()
     log = home / "mosquitto.log"
-    settings = MosquittoSettings(
-        port=port,
-        service_port=free_port(),
-        data_dir=home / "data",
-        log_file=log,
-        ca_file=pki.ca_cert,
-        service_ca_file=pki.service_ca_cert,
-        cert_file=pki.cert("broker"),
-        key_file=pki.key("broker"),
-        crl_file=pki.crl,
-        acl_file=pki.acl,
-        run_as_user=psutil.Process().username() if os.geteuid() == 0 else None,
+    settings = replace(
+        broker_settings(info.layout, port, free_port()), data_dir=home / "data", log_file=log
     )
     client_id = f"{fleet.run}-edge-{index}"
     bridge = [

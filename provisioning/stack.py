@@ -702,7 +702,8 @@ def _prepare_pki(layout: StackLayout, mqtt_port: int, service_port: int) -> None
         save_settings(pki_dir, wanted)
 
 
-def _broker_settings(layout: StackLayout, port: int, service_port: int) -> BrokerSettings:
+def broker_settings(layout: StackLayout, port: int, service_port: int) -> BrokerSettings:
+    """The stack's Mosquitto settings: its PKI, data dir and log, on these ports."""
     # As root, Mosquitto would switch to the `mosquitto` user, which cannot write a work dir
     # owned by whoever ran `fleetctl stack up`; run it as that user instead.
     user = pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None
@@ -747,7 +748,7 @@ def _write_configs(
     """Write the configs of the services about to start (a running one keeps its file)."""
     configs: dict[Path, str] = {}
     if Service.MQTT in services:
-        settings = _broker_settings(layout, ports[Service.MQTT], service_port)
+        settings = broker_settings(layout, ports[Service.MQTT], service_port)
         configs[layout.mosquitto_config] = render_broker_config(settings)
     if Service.INFLUX in services:
         rpc_port = _free_ports(1, avoid=set(ports.values()))[0]
