@@ -351,8 +351,8 @@ def start_edge_broker(fleet: Fleet, index: int) -> Broker:
         "try_private true",
         "notifications false",
         f"bridge_cafile {pki.ca_cert}",
-        f"bridge_certfile {info.pki_dir / 'fleet-server.pem'}",
-        f"bridge_keyfile {info.pki_dir / 'fleet-server.key'}",
+        f"bridge_certfile {pki.cert('fleet-server')}",
+        f"bridge_keyfile {pki.key('fleet-server')}",
         "bridge_tls_version tlsv1.2",
         "topic kiosk/v1/# out 1",
     ]
