@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from firmware_bridge.errors import ConfigError
 from firmware_bridge.health import Health
@@ -60,6 +61,17 @@ def driver_of(ups: SimulatedUps) -> NutUps:
     return NutUps("ups", ups.url, ups.name)
 
 
+@pytest_asyncio.fixture
+async def device(ups: SimulatedUps) -> AsyncIterator[NutUps]:
+    """The driver of ``ups``, closed after the test whatever its outcome: a connection left
+    open by a failed test would otherwise surface as a ResourceWarning in a later one."""
+    driver = driver_of(ups)
+    try:
+        yield driver
+    finally:
+        await driver.close()
+
+
 async def poll_until(
     watch: DeviceWatch[UpsStatus],
     done: Callable[[Observation[UpsStatus]], bool],
@@ -93,40 +105,36 @@ def test_values_dummy_ups_cannot_carry_are_refused(ups: SimulatedUps) -> None:
 
 
 @pytest.mark.asyncio
-async def test_reads_the_ups_over_one_kept_connection(ups: SimulatedUps) -> None:
-    device = driver_of(ups)
-    try:
-        for _ in range(3):
-            status = await device.poll()
-        assert status.on_mains
-        assert not status.on_battery
-        assert status.battery_charge == 100.0
-        assert status.runtime_s == 1800.0
-        assert status.load == 20.0
-        assert status.input_voltage == 230.0
-        assert (status.manufacturer, status.model) == ("Kiosk Fleet", "Simulated UPS")
-        assert device.assess(status).health is Health.OK
-        assert device.connects == 1
-    finally:
-        await device.close()
+async def test_reads_the_ups_over_one_kept_connection(device: NutUps) -> None:
+    for _ in range(3):
+        status = await device.poll()
+    assert status.on_mains
+    assert not status.on_battery
+    assert status.battery_charge == 100.0
+    assert status.runtime_s == 1800.0
+    assert status.load == 20.0
+    assert status.input_voltage == 230.0
+    assert (status.manufacturer, status.model) == ("Kiosk Fleet", "Simulated UPS")
+    assert device.assess(status).health is Health.OK
+    assert device.connects == 1
 
 
 @pytest.mark.asyncio
-async def test_a_variable_the_ups_stops_reporting_becomes_none(ups: SimulatedUps) -> None:
+async def test_a_variable_the_ups_stops_reporting_becomes_none(
+    ups: SimulatedUps, device: NutUps
+) -> None:
     ups.set_variables({"input.voltage": None, "ups.model": "C1K tower"})
     await asyncio.to_thread(ups.wait_served)
-    device = driver_of(ups)
-    try:
-        status = await device.poll()
-        assert status.input_voltage is None
-        assert status.model == "C1K tower"
-    finally:
-        await device.close()
+    status = await device.poll()
+    assert status.input_voltage is None
+    assert status.model == "C1K tower"
 
 
 @pytest.mark.asyncio
-async def test_mains_lost_is_seen_within_one_poll_after_upsd_has_it(ups: SimulatedUps) -> None:
-    watch = DeviceWatch(driver_of(ups), INTERVAL)
+async def test_mains_lost_is_seen_within_one_poll_after_upsd_has_it(
+    ups: SimulatedUps, device: NutUps
+) -> None:
+    watch = DeviceWatch(device, INTERVAL)
     await poll_until(watch, health_is(Health.OK), within_s=1)
     ups.set(on_battery=True, charge=80, runtime_s=900)
     observation, elapsed = await poll_until(
@@ -137,24 +145,24 @@ async def test_mains_lost_is_seen_within_one_poll_after_upsd_has_it(ups: Simulat
     assert observation.status.battery_charge == 80.0
     assert observation.status.runtime_s == 900.0
     assert elapsed <= REREAD_BOUND_S + INTERVAL + SLACK
-    await watch.device.close()
 
 
 @pytest.mark.asyncio
-async def test_low_battery_is_faulty(ups: SimulatedUps) -> None:
-    watch = DeviceWatch(driver_of(ups), INTERVAL)
+async def test_low_battery_is_faulty(ups: SimulatedUps, device: NutUps) -> None:
+    watch = DeviceWatch(device, INTERVAL)
     ups.set(on_battery=True, low_battery=True, charge=8, runtime_s=120)
     observation, _ = await poll_until(
         watch, health_is(Health.FAULTY), within_s=REREAD_BOUND_S + INTERVAL + SLACK
     )
     assert observation.assessment.reasons == ("low_battery",)
     assert "8% charge" in observation.assessment.detail
-    await watch.device.close()
 
 
 @pytest.mark.asyncio
-async def test_mains_lost_and_restored_arrive_as_events_in_order(ups: SimulatedUps) -> None:
-    watch = DeviceWatch(driver_of(ups), INTERVAL)
+async def test_mains_lost_and_restored_arrive_as_events_in_order(
+    ups: SimulatedUps, device: NutUps
+) -> None:
+    watch = DeviceWatch(device, INTERVAL)
     seen: list[UpsEventSeen] = []
     arrived = asyncio.Event()
 
@@ -192,37 +200,44 @@ async def test_mains_lost_and_restored_arrive_as_events_in_order(ups: SimulatedU
 
 
 @pytest.mark.asyncio
-async def test_a_stopped_driver_is_absent_and_comes_back(ups: SimulatedUps) -> None:
-    watch = DeviceWatch(driver_of(ups), INTERVAL)
+async def test_a_stopped_driver_is_absent_and_comes_back(ups: SimulatedUps, device: NutUps) -> None:
+    watch = DeviceWatch(device, INTERVAL)
     await poll_until(watch, health_is(Health.OK), within_s=1)
     ups.stop_driver()
     observation, _ = await poll_until(watch, health_is(Health.ABSENT), within_s=INTERVAL + SLACK)
     assert observation.assessment.reasons == ("ups_driver_not_connected",)
     await asyncio.to_thread(ups.start_driver)
     await poll_until(watch, health_is(Health.OK), within_s=INTERVAL + SLACK)
-    await watch.device.close()
 
 
 @pytest.mark.asyncio
-async def test_a_driver_that_lost_its_ups_is_faulty_with_stale_data(ups: SimulatedUps) -> None:
-    watch = DeviceWatch(driver_of(ups), INTERVAL)
+async def test_a_driver_that_lost_its_ups_is_faulty_with_stale_data(
+    ups: SimulatedUps, device: NutUps
+) -> None:
+    watch = DeviceWatch(device, INTERVAL)
     await poll_until(watch, health_is(Health.OK), within_s=1)
     ups.freeze_driver()
-    observation, elapsed = await poll_until(
-        watch, health_is(Health.FAULTY), within_s=MAXAGE_S + 2 + SLACK
-    )
+    seen: list[Health] = []
+
+    def faulty(observation: Observation[UpsStatus]) -> bool:
+        seen.append(observation.assessment.health)
+        return observation.assessment.health is Health.FAULTY
+
+    observation, _ = await poll_until(watch, faulty, within_s=MAXAGE_S + 2 + SLACK)
     assert observation.assessment.reasons == ("ups_data_stale",)
-    assert elapsed > MAXAGE_S - 1  # upsd kept serving the last data until MAXAGE
+    # Until then the last reading stood: a silent driver is never taken for a missing one.
+    # How long that lasts has no lower bound worth asserting: upsd counts MAXAGE from the
+    # driver's last word (its answer to upsd's PING, sent once a third of MAXAGE is gone),
+    # which on a loaded machine came up to 2 s before the freeze (1.8 s seen in CI).
+    assert set(seen[:-1]) <= {Health.OK}
     ups.thaw_driver()
     await poll_until(watch, health_is(Health.OK), within_s=2)
-    await watch.device.close()
 
 
 @pytest.mark.asyncio
 async def test_upsd_stopped_is_absent_at_the_next_poll_and_the_same_driver_recovers(
-    ups: SimulatedUps,
+    ups: SimulatedUps, device: NutUps
 ) -> None:
-    device = driver_of(ups)
     watch = DeviceWatch(device, INTERVAL)
     await poll_until(watch, health_is(Health.OK), within_s=1)
     ups.daemon.stop()
@@ -232,12 +247,12 @@ async def test_upsd_stopped_is_absent_at_the_next_poll_and_the_same_driver_recov
     await asyncio.to_thread(ups.daemon.start)
     observation = await watch.poll_once()
     assert observation.assessment.health is Health.OK
-    await device.close()
 
 
 @pytest.mark.asyncio
-async def test_a_upsd_restart_between_polls_costs_no_absent_reading(ups: SimulatedUps) -> None:
-    device = driver_of(ups)
+async def test_a_upsd_restart_between_polls_costs_no_absent_reading(
+    ups: SimulatedUps, device: NutUps
+) -> None:
     watch = DeviceWatch(device, INTERVAL)
     await poll_until(watch, health_is(Health.OK), within_s=1)
     await asyncio.to_thread(ups.daemon.stop)
@@ -245,13 +260,14 @@ async def test_a_upsd_restart_between_polls_costs_no_absent_reading(ups: Simulat
     observation = await watch.poll_once()
     assert observation.assessment.health is Health.OK
     assert device.connects == 2
-    await device.close()
 
 
 @pytest.mark.asyncio
 async def test_an_unknown_ups_name_is_absent(ups: SimulatedUps) -> None:
     watch = DeviceWatch(NutUps("ups", ups.url, "no-such-ups"), INTERVAL)
-    observation = await watch.poll_once()
+    try:
+        observation = await watch.poll_once()
+    finally:
+        await watch.device.close()
     assert observation.assessment.health is Health.ABSENT
     assert observation.assessment.reasons == ("ups_unknown",)
-    await watch.device.close()
