@@ -237,7 +237,9 @@ async def test_second_power_cycle_of_a_channel_is_refused_another_channel_runs(
     started = time.monotonic()
     with pytest.raises(ChannelBusy):
         await board.power_cycle("screen", 0.1)
-    assert time.monotonic() - started < 0.1  # refused at once, not queued behind the first
+    # Refused at once: queued behind the first it would have waited out most of its 0.6 s
+    # off-time. The margin is for a loaded machine, not for the refusal.
+    assert time.monotonic() - started < 0.4
 
     # While the screen is off on purpose, a poll shows it off but does not call that a fault.
     status = await board.poll()
