@@ -39,8 +39,8 @@ server's default, 1000).
 
 - InfluxDB alone: the same messages made into lines the way the server makes them
   (``fleet_server.telemetry_lines``), written straight to a new database by 1 .. K writer
-  threads, half the Receive Maximum of messages (500 by default; the server writes a third of
-  it, two writes at once, while draining) a write, but no more than ``batch_points`` points
+  threads, half the Receive Maximum of messages (500 by default; the server writes a quarter
+  of it, three writes at once, while draining) a write, but no more than ``batch_points`` points
   (the server's cap on a write, 5,000 by default: 416 messages). The server stores through
   InfluxDB, so on the same machine no number of server processes can beat this; printed with
   its own ratio to the baseline, and each K's ratio to it, so that what is the server's and

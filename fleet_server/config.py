@@ -106,7 +106,7 @@ class BrokerSettings(_Section, frozen=True, kw_only=True):
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=30 * 86400)] = 86400
     #: Deliveries the broker may have in flight to this process, unacknowledged until their
     #: points are in InfluxDB. 1000 drained a backlog about 15 % faster than 200 here (bigger
-    #: writes, and the window no longer runs dry while two writes are out); above about 1,250
+    #: writes, and the window no longer runs dry while writes are out); above about 1,650
     #: a write is capped by ``[influx] batch_points`` and more window only queues deliveries
     #: (`bench/bench_ingest_throughput.py --receive-maximum`).
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
@@ -118,10 +118,10 @@ class InfluxSettings(_Section, frozen=True, kw_only=True):
     database: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "kiosk"
     token: str | None = None
     #: A batch is written when it holds this many points, ``flush_interval_s`` after its first
-    #: point, or at once when a third of the broker's Receive Maximum waits for
+    #: point, or at once when a quarter of the broker's Receive Maximum waits for
     #: acknowledgement (`fleet_server.batcher`), whichever comes first. With the defaults, a
-    #: backlog drains in batches of a third of the window (333 messages, about 4,000 points of
-    #: fleet-sim's telemetry), under ``batch_points``: larger windows stop paying off there.
+    #: backlog drains in batches of a quarter of the window (250 messages, about 3,000 points
+    #: of fleet-sim's telemetry), under ``batch_points``: larger windows stop paying off there.
     batch_points: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5000
     flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0

@@ -199,23 +199,23 @@ class WindowAck:
 
 
 @pytest.mark.asyncio
-async def test_a_third_of_the_brokers_window_is_a_batch_without_waiting_for_the_timer(
+async def test_a_quarter_of_the_brokers_window_is_a_batch_without_waiting_for_the_timer(
     journal: Journal, spool: Spool
 ) -> None:
     """Receive Maximum caps unacknowledged deliveries: with fewer points in them than a batch,
-    waiting for max_delay_s would let through one window per delay. A third of it is a batch
-    (two may be on their way, the last third keeps arriving)."""
-    assert pytest.approx(1 / 3) == batcher_module.WINDOW_DUE
+    waiting for max_delay_s would let through one window per delay. A quarter of it is a batch
+    (three may be on their way, the last quarter keeps arriving)."""
+    assert pytest.approx(1 / 4) == batcher_module.WINDOW_DUE
     influx = FakeInflux(journal)
     batcher = PointBatcher(influx.write, spool, max_points=1000, max_delay_s=30.0, logger=log)
     window = [0]
     async with running(batcher):
         for seq in (1, 2):
-            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=9))
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=12))
         await asyncio.sleep(0.05)
-        assert influx.stored == []  # 2 deliveries of a window of 9: not yet
+        assert influx.stored == []  # 2 deliveries of a window of 12: not yet
 
-        await batcher.add(*lines(3), WindowAck(journal, "3", window, maximum=9))  # 3 of 9
+        await batcher.add(*lines(3), WindowAck(journal, "3", window, maximum=12))  # 3 of 12
         await eventually(lambda: len(journal.acks()) == 3, timeout_s=2.0)
         assert influx.stored == [body(1, 2, 3)]
         assert_each_ack_follows_its_store(journal)
@@ -369,12 +369,12 @@ async def test_a_full_spool_holds_deliveries_back_and_add_waits(
 
             await batcher.add(*message(journal, 3))  # due after max_delay_s, fits nowhere
             await eventually(lambda: batcher.holding)
-            # MAX_IN_FLIGHT batches may be on their way (here: held) and one more fills up in
-            # memory ...
-            assert batcher_module.MAX_IN_FLIGHT == 2
-            for seq in (4, 5, 6, 7, 8, 9):
+            # MAX_IN_FLIGHT batches may be on their way (here: held; the first is 3's) and one
+            # more fills up in memory, three points each ...
+            last = 3 + 3 * batcher_module.MAX_IN_FLIGHT
+            for seq in range(4, last + 1):
                 await asyncio.wait_for(batcher.add(*message(journal, seq)), timeout=1)
-            blocked = asyncio.create_task(batcher.add(*message(journal, 10)), name="blocked")
+            blocked = asyncio.create_task(batcher.add(*message(journal, last + 1)), name="blocked")
             await asyncio.sleep(0.05)
             # ... and then nothing more is taken in: the broker keeps the rest.
             assert not blocked.done(), "add() took more points in while the spool is full"
@@ -383,14 +383,17 @@ async def test_a_full_spool_holds_deliveries_back_and_add_waits(
 
             influx.mode = "up"
             await asyncio.wait_for(blocked, timeout=2)
-            await eventually(lambda: len(journal.acks()) == 9)
+            await eventually(lambda: len(journal.acks()) == last)
             await eventually(lambda: spool.depth.batches == 0)
             assert not batcher.holding
 
-    assert stored_lines(influx) == [line(s) for s in range(1, 11)]
-    assert journal.acks() == ["ack 1,2"] + [f"ack {s}" for s in range(3, 11)]
+    # Held batches may reach InfluxDB in any order once it is back (each point has its own
+    # timestamp); every point must be there, and the acknowledgements keep their order.
+    by_time = sorted(stored_lines(influx), key=lambda row: int(row.rsplit(" ", 1)[1]))
+    assert by_time == [line(s) for s in range(1, last + 2)]
+    assert journal.acks() == ["ack 1,2"] + [f"ack {s}" for s in range(3, last + 2)]
     assert_each_ack_follows_its_store(journal)
-    assert batcher.counters.points_written == 10
+    assert batcher.counters.points_written == last + 1
     assert batcher.counters.points_rejected == 0
 
 
@@ -587,28 +590,29 @@ class GatedInflux(FakeInflux):
 
 
 @pytest.mark.asyncio
-async def test_two_batches_are_written_at_once_but_never_three(
+async def test_max_in_flight_batches_are_written_at_once_and_never_more(
     journal: Journal, spool: Spool
 ) -> None:
+    most = batcher_module.MAX_IN_FLIGHT
     influx = GatedInflux(journal)
     batcher = PointBatcher(influx.write, spool, max_points=2, max_delay_s=30.0, logger=log)
     async with running(batcher):
-        await batcher.add(*message(journal, 1, 2))
-        await batcher.add(*message(journal, 3, 4))
-        await eventually(lambda: influx.concurrent == 2)
-        await batcher.add(*message(journal, 5, 6))  # due, but waits for a place
+        for n in range(most):
+            await batcher.add(*message(journal, 2 * n + 1, 2 * n + 2))
+        await eventually(lambda: influx.concurrent == most)
+        await batcher.add(*message(journal, 2 * most + 1, 2 * most + 2))  # due, waits for a place
         await asyncio.sleep(0.05)
-        assert len(influx.gates) == 2
+        assert len(influx.gates) == most
         assert journal.acks() == []
 
         influx.answer(0)
-        await eventually(lambda: len(influx.gates) == 3)  # the third goes once one is done
+        await eventually(lambda: len(influx.gates) == most + 1)  # it goes once one is done
         assert journal.acks() == ["ack 1,2"]
-        influx.answer(1)
-        influx.answer(2)
-        await eventually(lambda: len(journal.acks()) == 3)
-    assert influx.peak == 2
-    assert journal.acks() == ["ack 1,2", "ack 3,4", "ack 5,6"]
+        for gate in range(1, most + 1):
+            influx.answer(gate)
+        await eventually(lambda: len(journal.acks()) == most + 1)
+    assert influx.peak == most
+    assert journal.acks() == [f"ack {2 * n + 1},{2 * n + 2}" for n in range(most + 1)]
     assert_each_ack_follows_its_store(journal)
 
 
@@ -696,24 +700,24 @@ async def test_deliveries_on_their_way_do_not_make_the_next_batch_due(
     journal: Journal, spool: Spool
 ) -> None:
     """A write takes about as long for one delivery as for a hundred: the next batch waits for
-    its own third of the window, not for the window to look full."""
+    its own quarter of the window, not for the window to look full."""
     influx = GatedInflux(journal)
     batcher = PointBatcher(influx.write, spool, max_points=1000, max_delay_s=30.0, logger=log)
     window = [0]
     async with running(batcher):
-        for seq in range(1, 7):
-            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=9))
-        await eventually(lambda: len(influx.gates) == 2)
-        for seq in (7, 8):  # 8 of 9 unacknowledged, but only 2 in this batch
-            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=9))
-        await asyncio.sleep(0.05)
-        assert len(influx.gates) == 2
-        influx.answer(0)
-        influx.answer(1)
-        await eventually(lambda: len(journal.acks()) == 6)
-        await batcher.add(*lines(9), WindowAck(journal, "9", window, maximum=9))
+        for seq in range(1, 10):
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=12))
         await eventually(lambda: len(influx.gates) == 3)
-        influx.answer(2)
+        for seq in (10, 11):  # 11 of 12 unacknowledged, but only 2 in this batch
+            await batcher.add(*lines(seq), WindowAck(journal, str(seq), window, maximum=12))
+        await asyncio.sleep(0.05)
+        assert len(influx.gates) == 3
+        for gate in range(3):
+            influx.answer(gate)
         await eventually(lambda: len(journal.acks()) == 9)
-    assert influx.stored == [body(1, 2, 3), body(4, 5, 6), body(7, 8, 9)]
+        await batcher.add(*lines(12), WindowAck(journal, "12", window, maximum=12))
+        await eventually(lambda: len(influx.gates) == 4)
+        influx.answer(3)
+        await eventually(lambda: len(journal.acks()) == 12)
+    assert influx.stored == [body(1, 2, 3), body(4, 5, 6), body(7, 8, 9), body(10, 11, 12)]
     assert window == [0]
