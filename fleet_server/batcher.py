@@ -43,7 +43,10 @@ Why a spool, and why this shape:
   timestamp and the terminal's tags, so InfluxDB overwrites it with itself.
 - The spool has a size cap. When it is full (or the disk fails) the batch is held, nothing is
   acknowledged, and once ``max_points`` more are waiting ``add`` waits: the backlog stays in
-  the broker, exactly the behaviour before the spool existed. Nothing is ever dropped.
+  the broker, exactly the behaviour before the spool existed. Nothing is ever dropped. Held
+  batches are each tried again on their own, so once InfluxDB is back a later batch may be
+  written before an earlier one that waits for its next try; acknowledgements keep their
+  order all the same.
 - Memory is bounded: the batch being filled holds at most ``max_points`` plus one delivery,
   ``MAX_IN_FLIGHT`` more such batches may be on their way to InfluxDB or the spool, and the
   replayer reads at most ``max_points`` (plus one spooled batch) at a time.
