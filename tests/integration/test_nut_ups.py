@@ -57,15 +57,11 @@ def ups(daemon: UpsDaemon, unused_names: Iterator[str]) -> SimulatedUps:
     return handle
 
 
-def driver_of(ups: SimulatedUps) -> NutUps:
-    return NutUps("ups", ups.url, ups.name)
-
-
 @pytest_asyncio.fixture
 async def device(ups: SimulatedUps) -> AsyncIterator[NutUps]:
     """The driver of ``ups``, closed after the test whatever its outcome: a connection left
     open by a failed test would otherwise surface as a ResourceWarning in a later one."""
-    driver = driver_of(ups)
+    driver = NutUps("ups", ups.url, ups.name)
     try:
         yield driver
     finally:
